@@ -1,0 +1,1 @@
+"""Frequency-Augmented VAE: FFT frequency module and LR-conditioned fuse layers."""

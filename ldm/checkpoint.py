@@ -1,0 +1,265 @@
+"""Reading and writing weights: Lightning ``.ckpt``, plain ``.pth``/``.pt``, ``.safetensors``.
+
+* Files are never fully unpickled: ``torch.load(..., weights_only=True)``.
+* Loading is strict. A mismatch raises :class:`CheckpointMismatchError`, which
+  lists missing, unexpected and wrong-shape keys (shortened) and names the preset
+  the file most likely belongs to.
+* Our release format is one safetensors file per component whose metadata holds
+  the resolved ``{target, params}`` config, so :func:`load_pretrained` rebuilds
+  the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, torch.Tensor]
+
+#: Metadata key under which our safetensors files keep the model config (JSON).
+CONFIG_KEY = "moe_sr.config"
+FORMAT_KEY = "moe_sr.format"
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(RuntimeError):
+    """A file that cannot be read as a checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint whose keys or shapes do not fit the model."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _shorten(items: list[str], limit: int = 12) -> str:
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
+
+
+def read_state_dict(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Tensors:
+    """Return the flat ``name -> tensor`` dict stored in ``path``.
+
+    Lightning checkpoints are unwrapped (``["state_dict"]``); plain state dicts
+    are returned as they are. Non-tensor entries are dropped only from the
+    Lightning wrapper (optimizer states, loops), never from a state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): re-download or re-export it")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, map_location)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=_can_mmap(path))
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    except Exception as err:  # pickle.UnpicklingError and friends
+        raise CheckpointError(
+            f"{path} could not be loaded safely (weights_only=True): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def _can_mmap(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> Tensors:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> Tensors:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{source} is not a flat state dict: non-tensor entries {_shorten(sorted(map(str, bad)))}"
+        )
+    return dict(obj)
+
+
+def select_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Tensors:
+    """Keys starting with ``prefix``, with the prefix removed. Errors when none match."""
+    if not prefix:
+        return dict(state_dict)
+    out = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not out:
+        tops = sorted({k.split(".", 1)[0] + "." for k in state_dict})
+        raise CheckpointMismatchError(
+            f"no key starts with {prefix!r}; top-level prefixes in the file: {_shorten(tops)}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- strict loading
+
+
+def diff_state_dict(
+    model_sd: Mapping[str, torch.Tensor], file_sd: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys, and ``key: file shape vs model shape`` lines."""
+    missing = sorted(set(model_sd) - set(file_sd))
+    unexpected = sorted(set(file_sd) - set(model_sd))
+    wrong = [
+        f"{k}: file {tuple(file_sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+        for k in model_sd
+        if k in file_sd and tuple(model_sd[k].shape) != tuple(file_sd[k].shape)
+    ]
+    return missing, unexpected, wrong
+
+
+def mismatch_message(
+    missing: list[str], unexpected: list[str], wrong: list[str], *, what: str, hint: str = ""
+) -> str:
+    lines = [f"{what} does not match the model:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {_shorten(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {_shorten(unexpected)}")
+    if wrong:
+        lines.append(f"  wrong shape ({len(wrong)}): {_shorten(wrong, 6)}")
+    if hint:
+        lines.append(f"  {hint}")
+    return "\n".join(lines)
+
+
+#: Callables ``state_dict -> preset name or None`` used to name the likely preset.
+PRESET_GUESSERS: list[Callable[[Mapping[str, torch.Tensor]], str | None]] = []
+
+
+def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    for guess in PRESET_GUESSERS:
+        name = guess(state_dict)
+        if name:
+            return name
+    return None
+
+
+def load_state_dict_strict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str = "checkpoint"
+) -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with a readable error."""
+    missing, unexpected, wrong = diff_state_dict(model.state_dict(), state_dict)
+    if missing or unexpected or wrong:
+        preset = guess_preset(state_dict)
+        hint = f"The file looks like preset {preset!r}." if preset else ""
+        raise CheckpointMismatchError(
+            mismatch_message(missing, unexpected, wrong, what=what, hint=hint)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    prefix: str = "",
+    ignore_prefixes: Iterable[str] = (),
+) -> nn.Module:
+    """Read ``path``, keep the keys under ``prefix`` (stripped), load strictly.
+
+    ``ignore_prefixes`` names groups of keys that are expected in the file but
+    belong to something else (e.g. ``loss.`` in LDM autoencoder checkpoints).
+    """
+    sd = read_state_dict(path)
+    ignore = tuple(ignore_prefixes)
+    if ignore:
+        sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}
+    sd = select_prefix(sd, prefix)
+    load_state_dict_strict(model, sd, what=str(path))
+    return model
+
+
+# --------------------------------------------------------------------------- our format
+
+
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: Mapping[str, Any],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model``'s weights as safetensors with its ``{target, params}`` config.
+
+    ``metadata`` adds JSON-serialisable entries (e.g. an expert's stage). The
+    file is written to a temporary name and renamed, so a crash never leaves a
+    half-written file under the final name.
+    """
+    from safetensors.torch import save_file
+
+    from ldm.config import to_plain
+
+    config = to_plain(config)
+    if "target" not in config:
+        raise ValueError("config must be a {target, params} mapping")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: json.dumps(config, sort_keys=True)}
+    for k, v in (metadata or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
+    meta = read_safetensors_metadata(path)
+    if CONFIG_KEY not in meta:
+        raise CheckpointError(
+            f"{path} has no {CONFIG_KEY!r} metadata: it is not a moe-sr release file. "
+            "Build the model from a config preset and load the weights with load_weights()"
+        )
+    return json.loads(meta[CONFIG_KEY])
+
+
+def load_pretrained(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild a model from one of our safetensors files (config in the metadata)."""
+    from ldm.config import instantiate
+
+    config = read_pretrained_config(path)
+    model = instantiate(config)
+    sd = _read_safetensors(Path(path), map_location)
+    load_state_dict_strict(model, sd, what=str(path))
+    return model.eval()

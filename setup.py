@@ -1,0 +1,52 @@
+"""moe-sr: 8x image super-resolution with latent diffusion, a sampling-space
+mixture of experts and a frequency-augmented decoder (Luo et al., arXiv 2310.12004)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# Versions here and in environment.yaml are kept equal (tests/test_packaging.py checks).
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+CORE = [
+    "numpy>=1.24",
+    "pillow>=10.0",
+    "omegaconf>=2.3",
+    "einops>=0.7",
+    "safetensors>=0.4",
+    "tqdm>=4.66",
+    "pyyaml>=6.0",
+    "huggingface_hub>=0.23",
+]
+EXTRAS = {
+    # Lightning training, logging, Real-ESRGAN degradations (basicsr: see README).
+    "train": ["lightning>=2.4", "tensorboard>=2.15", "scipy>=1.11"],
+    # pyiqa is PolyForm Noncommercial since 2026-04: an optional extra on purpose.
+    "eval": ["pyiqa==0.1.16", "scikit-image>=0.22", "scipy>=1.11"],
+    # txt2img with Stable Diffusion 1.5 (FA-VAE as a drop-in decoder).
+    "txt2img": ["diffusers>=0.30", "transformers>=4.40"],
+    "dev": ["pytest>=8.0", "ruff>=0.6", "scikit-image>=0.22", "diffusers>=0.30", "transformers>=4.40"],
+}
+
+setup(
+    name="moe-sr",
+    version="0.1.0",
+    description=__doc__.strip().splitlines()[0],
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ldm", "ldm.*", "fa_vae", "fa_vae.*", "moe_sr", "moe_sr.*"]),
+    install_requires=TORCH + CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        # Modules that register config targets (ldm/registry.py imports them on demand).
+        "moe_sr.registry": [
+            "ldm = ldm.targets",
+            "fa_vae = fa_vae.targets",
+            "moe_sr = moe_sr.targets",
+        ],
+        "console_scripts": [
+            "moe-sr-reconstruct = ldm.cli.reconstruct:main",
+        ],
+    },
+)

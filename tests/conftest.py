@@ -1,0 +1,42 @@
+"""Test defaults: single-threaded torch, offline hubs, the reference data folder."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_dir() -> Path:
+    """``$MOESR_REFERENCE_DIR`` or ``../shared/reference`` next to the repository."""
+    env = os.environ.get("MOESR_REFERENCE_DIR")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_root() -> Path:
+    root = reference_dir()
+    if not root.is_dir():
+        pytest.skip(f"reference data not found at {root} (set MOESR_REFERENCE_DIR)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def manifests_dir(reference_root: Path) -> Path:
+    return reference_root / "manifests"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
