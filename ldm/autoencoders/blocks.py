@@ -1,0 +1,124 @@
+"""Building blocks of the LDM / Stable Diffusion first-stage autoencoders.
+
+Parameter names follow ``ldm/modules/diffusionmodules/model.py`` of CompVis
+latent-diffusion, so released checkpoints load without renaming. The maths is
+the same; attention runs through ``F.scaled_dot_product_attention`` and, when
+no gradient is recorded, activations and residual sums are computed in place
+to keep the peak memory of large decodes down.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 (LDM name)
+    """GroupNorm with 32 groups, eps 1e-6, affine (LDM ``Normalize``)."""
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(x)`` (LDM ``nonlinearity``); in place when no graph is recorded.
+
+    Callers pass a freshly computed tensor that nobody else holds.
+    """
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+class ResnetBlock(nn.Module):
+    """``x + conv2(drop(silu(norm2(conv1(silu(norm1(x)))))))``, 1x1 ``nin_shortcut`` on width change.
+
+    ``temb_channels`` is kept for signature compatibility with LDM; the
+    autoencoders use 0 (no timestep embedding, no ``temb_proj``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        dropout: float = 0.0,
+        temb_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if temb_channels > 0:
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(silu(self.norm2(h))))
+        shortcut = self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+        return h.add_(shortcut)  # h is a fresh conv output: safe in place, also under autograd
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, 1x1-conv projections (LDM ``AttnBlock``).
+
+    ``softmax(q k^T / sqrt(C)) v`` through ``F.scaled_dot_product_attention``;
+    the 1x1 convolutions are applied as matrix products on the token view.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    @staticmethod
+    def _linear(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q = self._linear(self.q, tokens)
+        k = self._linear(self.k, tokens)
+        v = self._linear(self.v, tokens)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        h = self._linear(self.proj_out, h)  # [B, HW, C]
+        return h.transpose(1, 2).reshape(b, c, hgt, wid).add_(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv when ``with_conv``."""
+
+    def __init__(self, channels: int, with_conv: bool) -> None:
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after LDM's asymmetric zero pad (right and bottom by 1); else avg-pool 2."""
+
+    def __init__(self, channels: int, with_conv: bool) -> None:
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_conv:
+            return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
