@@ -49,7 +49,9 @@ def _shorten(items: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
 
 
-def read_state_dict(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Tensors:
+def read_state_dict(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+) -> Tensors:
     """Return the flat ``name -> tensor`` dict stored in ``path``.
 
     Lightning checkpoints are unwrapped (``["state_dict"]``); plain state dicts

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -35,7 +36,12 @@ class ConfigError(ValueError):
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """A path as given, or a preset name relative to ``configs/`` (``.yaml`` optional)."""
     p = Path(path)
-    candidates = [p, p.with_suffix(".yaml"), CONFIG_ROOT / p, (CONFIG_ROOT / p).with_suffix(".yaml")]
+    candidates = [
+        p,
+        p.with_suffix(".yaml"),
+        CONFIG_ROOT / p,
+        (CONFIG_ROOT / p).with_suffix(".yaml"),
+    ]
     for c in candidates:
         if c.is_file():
             return c
@@ -50,7 +56,9 @@ def _load_preset(name: str) -> Any:
 
 
 if not OmegaConf.has_resolver("preset"):
-    OmegaConf.register_new_resolver("preset", _load_preset)
+    # omegaconf >= 2.4 renamed register_new_resolver to register_resolver
+    _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    _register("preset", _load_preset)
 
 
 def load_yaml(path: str | os.PathLike) -> DictConfig:

@@ -54,7 +54,9 @@ def _dispatch(fixture_dir: Path) -> tuple[str, str]:
         raise AssertionError(f"{fixture_dir.name}: no checker for official class {cls!r}")
     if fixture_dir.name in BY_NAME:
         return BY_NAME[fixture_dir.name]
-    raise AssertionError(f"{fixture_dir.name}: unknown fixture layout (no config.json, unknown name)")
+    raise AssertionError(
+        f"{fixture_dir.name}: unknown fixture layout (no config.json, unknown name)"
+    )
 
 
 @pytest.mark.parametrize("fixture_dir", _fixture_dirs(), ids=lambda p: p.name)

@@ -22,10 +22,14 @@ def load_json(fixture_dir: Path, name: str) -> dict:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, atol=ATOL, rtol=RTOL):
     actual = actual.detach().to(expected.dtype).cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     if not expected.is_floating_point():
         mismatches = (actual != expected).sum().item()
         assert mismatches == 0, f"{name}: {mismatches} integer entries differ"
         return
     err = (actual - expected).abs().max().item()
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{name}: max abs error {err:.3g}"
+    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (
+        f"{name}: max abs error {err:.3g}"
+    )
