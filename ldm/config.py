@@ -51,8 +51,19 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     )
 
 
-def _load_preset(name: str) -> Any:
-    return OmegaConf.to_container(load_yaml(resolve_config_path(name)), resolve=True)
+def _load_preset(name: str, key: str | None = None) -> Any:
+    """``${preset:NAME}`` -> the whole preset; ``${preset:NAME,KEY}`` -> its sub-tree ``KEY``
+    (dotted, e.g. ``params.ddconfig``), to compose a preset from parts of another."""
+    cfg = load_yaml(resolve_config_path(name))
+    if key is not None:
+        node = OmegaConf.select(cfg, str(key), default=_MISSING)
+        if node is _MISSING:
+            raise ConfigError(f"preset {name!r} has no key {key!r}")
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+_MISSING = object()
 
 
 if not OmegaConf.has_resolver("preset"):
