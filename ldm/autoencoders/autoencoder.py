@@ -164,3 +164,7 @@ class AutoencoderKL(FirstStageModel):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
+
+
+# Registers the preset guesser used by strict-loading errors (ldm.checkpoint.PRESET_GUESSERS).
+import ldm.autoencoders.weights  # noqa: E402, F401
