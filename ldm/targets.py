@@ -5,3 +5,5 @@ One import per line; add yours when you register a new target.
 
 # ruff: noqa: F401
 import ldm.autoencoders.autoencoder
+import ldm.data.datasets
+import ldm.unet
