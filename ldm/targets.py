@@ -5,5 +5,4 @@ One import per line; add yours when you register a new target.
 
 # ruff: noqa: F401
 import ldm.autoencoders.autoencoder
-import ldm.data.datasets
 import ldm.unet
