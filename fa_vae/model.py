@@ -1,0 +1,132 @@
+"""The two released FA-VAEs: LDM's VQ-f4 / SD1.5's KL-f8 with the frequency-augmented decoder.
+
+* ``fa_vae_vq_f4`` (:class:`FAVQModel`): the SR first stage. ``decode(z, skips)`` fuses the
+  encoder features of the LR image (bicubic-upsampled x8 to the output size) into the
+  decoder. Official: ``VQModelResiUnet`` (``sr_8x_inf/ldm/models/vqmodel.py``).
+* ``fa_vae_kl_f8`` (:class:`FAKLModel`): a drop-in replacement of the SD1.5 VAE (same
+  encoder, same latent), decoder with the frequency module only. Official:
+  ``AutoencoderKLAFF`` (``vae_txt2img_inf/models/autoencoder.py``).
+
+Both are built in ``eval()`` mode (running BatchNorm statistics, no DropPath), so
+inference is deterministic; training code calls ``.train()`` explicitly.
+Parameter names equal the released ``fa_vae.pth`` files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fa_vae.decoder import FADecoder
+from ldm.autoencoders.autoencoder import AutoencoderKL, VQModel
+from ldm.registry import register
+
+#: ddconfig keys that the model sets itself
+_MODEL_OWNED_KEYS = ("fuse_lr", "num_fuse_block")
+
+
+def _checked_ddconfig(ddconfig: Mapping[str, Any], **owned: Any) -> dict[str, Any]:
+    clash = [k for k in _MODEL_OWNED_KEYS if k in ddconfig]
+    if clash:
+        raise ValueError(
+            f"ddconfig must not set {clash}: the FA-VAE model sets them "
+            "(give num_fuse_block next to ddconfig, not inside it)"
+        )
+    return {**dict(ddconfig), **owned}
+
+
+def _set_decoder_modes(decoder: FADecoder, fusion_w: float, release_train_mode: bool) -> None:
+    decoder.fusion_w = float(fusion_w)
+    decoder.release_train_mode = bool(release_train_mode)
+
+
+@register("fa_vae_vq_f4")
+class FAVQModel(VQModel):
+    """VQ autoencoder whose decoder fuses LR features and refines frequencies.
+
+    ``num_fuse_block``: RRDB blocks per fuse layer (release: 2); ``fusion_w``: weight of
+    the fused LR residual (release: 1.0); ``release_train_mode``: reproduce the official
+    SR script's train-mode frequency module (random; off by default).
+
+    Usage (SR)::
+
+        h, feats = model.encode(lr_up8, return_features=True)  # LR image upsampled x8
+        x = model.decode(z, skips=feats)                        # z: latent from diffusion
+    """
+
+    decoder_class = FADecoder
+
+    def __init__(
+        self,
+        ddconfig: Mapping[str, Any],
+        n_embed: int,
+        embed_dim: int,
+        scale_factor: float = 1.0,
+        beta: float = 0.25,
+        num_fuse_block: int = 2,
+        fusion_w: float = 1.0,
+        release_train_mode: bool = False,
+    ) -> None:
+        ddconfig = _checked_ddconfig(ddconfig, fuse_lr=True, num_fuse_block=num_fuse_block)
+        if len(ddconfig["ch_mult"]) < 3:
+            raise ValueError(
+                "the VQ FA-VAE fuses LR features at the middle up-levels: ch_mult needs at "
+                f"least 3 entries, got {list(ddconfig['ch_mult'])}"
+            )
+        super().__init__(ddconfig, n_embed, embed_dim, scale_factor=scale_factor, beta=beta)
+        _set_decoder_modes(self.decoder, fusion_w, release_train_mode)
+        self.eval()
+
+    @property
+    def fusion_w(self) -> float:
+        return self.decoder.fusion_w
+
+    @fusion_w.setter
+    def fusion_w(self, value: float) -> None:
+        self.decoder.fusion_w = float(value)
+
+    def lr_features(self, lr_up: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features of the upsampled LR image: the ``skips`` of :meth:`decode`."""
+        return self.encode(lr_up, return_features=True)[1]
+
+    def forward(self, x: torch.Tensor, lr_up: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruct ``x`` (encode, quantize, decode) with the LR features of ``lr_up``
+        (same size as ``x``; default ``x`` itself)."""
+        h, feats = self.encode(x, return_features=True)
+        if lr_up is not None:
+            feats = self.lr_features(lr_up)
+        return self.decode(h, skips=feats, quantize=True)
+
+    def frequency_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the fuse layers and ``unet_1`` (the parts the release trains)."""
+        return self.decoder.frequency_parameters()
+
+
+@register("fa_vae_kl_f8")
+class FAKLModel(AutoencoderKL):
+    """KL autoencoder (SD1.5 kl-f8 layout) whose decoder refines frequencies (``unet_1``).
+
+    Same encoder and latent space as the plain VAE: the latents of any SD1.5 pipeline
+    decode with it. ``release_train_mode`` as in :class:`FAVQModel`.
+    """
+
+    decoder_class = FADecoder
+
+    def __init__(
+        self,
+        ddconfig: Mapping[str, Any],
+        embed_dim: int,
+        scale_factor: float = 0.18215,
+        release_train_mode: bool = False,
+    ) -> None:
+        ddconfig = _checked_ddconfig(ddconfig, fuse_lr=False)
+        super().__init__(ddconfig, embed_dim, scale_factor=scale_factor)
+        _set_decoder_modes(self.decoder, 1.0, release_train_mode)
+        self.eval()
+
+    def frequency_parameters(self) -> list[nn.Parameter]:
+        """Parameters of ``unet_1`` (the part the release trains)."""
+        return self.decoder.frequency_parameters()
