@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ldm.registry import register
+
 __all__ = ["StageSchedule", "StageTimestepSampler"]
 
 
@@ -142,7 +144,7 @@ class StageSchedule:
 
     def sampler(self, k: int) -> StageTimestepSampler:
         """A training timestep sampler restricted to stage ``k``."""
-        return StageTimestepSampler(self, k)
+        return StageTimestepSampler(k, self)
 
 
 def _as_int(v: object, message: str) -> int:
@@ -155,29 +157,70 @@ def _as_int(v: object, message: str) -> int:
         raise TypeError(message) from None
 
 
+@register("stage_timesteps")
 class StageTimestepSampler:
-    """Pluggable training timestep sampler: ``sampler(n, generator=None, device=None)``.
+    """Training timestep sampler of one stage: ``sampler(n, *, device=None, generator=None)``.
 
-    Uniform over the interval of stage ``stage`` of ``stages`` (the released per-stage training:
-    each expert sees only its own timesteps). ``lo``/``hi`` expose the interval.
+    Uniform over the interval of stage ``stage`` (the released per-stage training: each expert
+    sees only its own timesteps); follows ``ldm.training.timestep_sampler``'s protocol and is
+    registered as ``stage_timesteps`` for configs::
+
+        timestep_sampler: {target: stage_timesteps, params: {stage: 2}}
+
+    Args:
+        stage: the stage index ``k``.
+        boundaries: the stage boundaries (a list of ints or a :class:`StageSchedule`); default
+            ``num_stages`` equal stages of ``num_timesteps``.
+        num_stages: number of equal stages when ``boundaries`` is not given (default 4, as
+            released).
+        num_timesteps: ``T`` (default 1000; with ``boundaries`` only checked against them).
     """
 
-    def __init__(self, stages: StageSchedule, stage: int):
+    def __init__(
+        self,
+        stage: int,
+        boundaries: Sequence[int] | StageSchedule | None = None,
+        num_stages: int | None = None,
+        num_timesteps: int | None = None,
+    ):
+        if boundaries is not None:
+            if num_stages is not None:
+                raise ValueError("give either boundaries or num_stages, not both")
+            stages = (
+                boundaries if isinstance(boundaries, StageSchedule) else StageSchedule(boundaries)
+            )
+            if num_timesteps is not None and stages.num_timesteps != num_timesteps:
+                raise ValueError(
+                    f"boundaries end at {stages.num_timesteps} but num_timesteps={num_timesteps}"
+                )
+        else:
+            stages = StageSchedule.uniform(
+                4 if num_stages is None else num_stages,
+                1000 if num_timesteps is None else num_timesteps,
+            )
         self.stages = stages
         self.stage = stages._check_stage(stage)
-        self.lo, self.hi = stages.interval(stage)
+        self.lo, self.hi = stages.interval(self.stage)
 
     @property
     def num_timesteps(self) -> int:
         return self.stages.num_timesteps
 
+    @property
+    def interval(self) -> tuple[int, int]:
+        return self.lo, self.hi
+
     def __call__(
         self,
         n: int,
-        generator: torch.Generator | None = None,
+        *,
         device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         return self.stages.sample_timesteps(self.stage, n, generator=generator, device=device)
 
     def __repr__(self) -> str:
-        return f"StageTimestepSampler(stage={self.stage}, interval=[{self.lo}, {self.hi}))"
+        return (
+            f"StageTimestepSampler(stage={self.stage}, interval=[{self.lo}, {self.hi}), "
+            f"stages={self.stages!r})"
+        )
