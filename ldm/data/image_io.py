@@ -1,0 +1,165 @@
+"""Reading and writing images: one place for formats, bit depths and atomic writes.
+
+``read_image`` returns a float tensor ``[3, H, W]`` in ``[0, 1]`` for RGB,
+grayscale (replicated to 3 channels), RGBA / LA (alpha dropped, with a warning),
+palette, 16-bit PNG (full precision) and JPEG files. Anything else raises
+:class:`ImageReadError` with the path and the reason.
+``write_image`` writes to a temporary file in the target folder and renames it,
+so a crash never leaves a half-written image under the final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+#: Extensions ``list_images`` picks up (lower case).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(OSError):
+    """A file that cannot be read as an image."""
+
+
+def _to_float(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype in (np.uint16, np.int32) or arr.dtype.kind in "iu":
+        # PIL opens 16-bit PNGs as mode I / I;16: values 0..65535.
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    raise ImageReadError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_16bit_png(path: Path) -> bool:
+    """PNG whose IHDR bit depth is 16 (PIL would reduce 16-bit RGB to 8 bits)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return (
+        len(head) == 25 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16
+    )
+
+
+def _read_png16(path: Path) -> torch.Tensor:
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 flags its image IO as deprecated
+            warnings.filterwarnings("ignore", message=".*TorchVision are deprecated.*")
+            from torchvision.io import ImageReadMode, decode_png, read_file
+
+            t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError as err:
+        raise ImageReadError(f"{path}: cannot decode 16-bit PNG ({err})") from None
+    x = t.to(torch.float32) / 65535.0
+    if x.shape[0] in (2, 4):
+        warnings.warn(f"{path}: alpha channel dropped (16-bit PNG)", UserWarning, stacklevel=3)
+        x = x[:-1]
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    return x.contiguous()
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """The image at ``path`` as a float32 tensor ``[3, H, W]`` in ``[0, 1]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if _is_16bit_png(path):
+        return _read_png16(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+                warnings.warn(
+                    f"{path}: alpha channel dropped (image mode {mode})", UserWarning, stacklevel=2
+                )
+                img = img.convert("RGBA" if mode != "LA" else "LA")
+                mode = img.mode
+            if mode == "P" or mode == "CMYK" or mode == "YCbCr":
+                img = img.convert("RGB")
+                mode = "RGB"
+            arr = np.asarray(img)
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            f"{path}: not an image file PIL can read (corrupt, or an unsupported format)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"{path}: cannot decode image ({err})") from None
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = arr.astype(np.uint16) if arr.dtype != np.uint16 else arr
+    arr = _to_float(arr, path)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.shape[2] == 2:  # LA
+        arr = np.repeat(arr[:, :, :1], 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageReadError(f"{path}: unsupported image layout {arr.shape} (mode {mode})")
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``[3, H, W]`` / ``[H, W, 3]`` / ``[H, W]`` floats in [0, 1] (or uint8) -> uint8 HWC."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.permute(1, 2, 0)
+        arr = image.numpy()
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ValueError(f"expected an image [3,H,W], [H,W,3] or [H,W], got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind != "f":
+        raise ValueError(f"expected float pixels in [0, 1] or uint8, got {arr.dtype}")
+    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``image`` (floats in [0, 1] or uint8; CHW or HWC) atomically; format from the suffix."""
+    path = Path(path)
+    arr = _to_uint8_hwc(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image extension {path.suffix!r}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr).save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in ``folder`` (by extension), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder")
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
