@@ -46,35 +46,44 @@ NoiseFn = Callable[[int, tuple[int, ...]], torch.Tensor]
 def ddim_timesteps(num_timesteps: int, steps: int, discretize: str = "uniform") -> torch.Tensor:
     """The DDIM timesteps in increasing order, int64 (LDM ``make_ddim_timesteps``).
 
-    ``"uniform"``: ``range(0, T, T // steps) + 1``. As in LDM, when ``steps`` does not divide
-    ``T`` this yields ``ceil(T / (T // steps))`` timesteps (a warning says so).
+    ``"uniform"``: LDM's ``range(0, T, T // steps) + 1`` (1, 6, ..., 996 for 200 of 1000).
+    Where that grid does not have exactly ``steps`` entries inside ``[0, T)`` (``steps`` not
+    dividing ``T``: LDM then samples more steps than asked, or indexes ``T`` and crashes), this
+    uses ``floor(k T / steps) + 1``, ``k = 0 .. steps-1`` instead (the same grid whenever
+    ``steps`` divides ``T``) and logs a warning.
     ``"quad"``: ``int(linspace(0, sqrt(0.8 T), steps) ** 2) + 1``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if steps > num_timesteps:
-        raise ValueError(f"steps ({steps}) cannot exceed the number of timesteps ({num_timesteps})")
+    if steps >= num_timesteps:
+        raise ValueError(
+            f"{steps} DDIM steps do not fit T={num_timesteps} (LDM's grid starts at t=1); "
+            f"use at most {num_timesteps - 1}"
+        )
     if discretize == "uniform":
-        c = num_timesteps // steps
-        ts = np.asarray(list(range(0, num_timesteps, c))) + 1
-        if len(ts) != steps:
+        ts = np.asarray(list(range(0, num_timesteps, num_timesteps // steps))) + 1
+        if len(ts) != steps or ts[-1] >= num_timesteps:
+            fixed = np.arange(steps) * num_timesteps // steps + 1
             logger.warning(
-                "DDIM 'uniform' spacing (LDM): %d steps requested for T=%d gives %d timesteps "
-                "(stride %d); choose a divisor of T for an exact count",
+                "DDIM 'uniform' spacing: LDM's grid for %d steps of T=%d has %d timesteps "
+                "ending at %d; using floor(k*T/steps)+1 = %s ... %s instead (choose a divisor "
+                "of T for LDM's exact grid)",
                 steps,
                 num_timesteps,
                 len(ts),
-                c,
+                ts[-1],
+                fixed[:3].tolist(),
+                fixed[-1],
             )
+            ts = fixed
     elif discretize == "quad":
         ts = ((np.linspace(0, np.sqrt(num_timesteps * 0.8), steps)) ** 2).astype(int) + 1
     else:
         raise ValueError(f"unknown DDIM discretization {discretize!r}; use 'uniform' or 'quad'")
-    if ts[-1] >= num_timesteps:
+    if ts[-1] >= num_timesteps or len(np.unique(ts)) != len(ts):
         raise ValueError(
-            f"{steps} DDIM steps over T={num_timesteps} put the last timestep at {ts[-1]} (LDM "
-            f"shifts the grid by +1), outside [0, {num_timesteps}); use at most "
-            f"{num_timesteps // 2} steps"
+            f"{discretize!r} spacing of {steps} steps over T={num_timesteps} gives invalid "
+            f"timesteps {ts.tolist()}; use fewer steps"
         )
     return torch.from_numpy(ts.astype(np.int64))
 
