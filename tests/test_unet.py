@@ -163,6 +163,11 @@ def test_stacked_weight_cache_follows_updates():
         b = layer(x)
     assert not torch.allclose(a, b)
     torch.testing.assert_close(b, _naive_moe(layer, x, layer.fixed_perm), atol=1e-5, rtol=1e-5)
+    layer.cache_stacked_weights = False
+    layer.clear_cache()
+    with torch.no_grad():
+        assert torch.equal(layer(x), b)
+    assert not layer._cache
 
 
 def test_training_gradients_reach_every_routed_expert():

@@ -31,10 +31,17 @@ Routing modes (``FFNMoE.routing``):
 The experts run batched: the routed tokens are gathered into an ``[E, tokens_per_expert, C]``
 tensor (padded by at most one slot per expert when ``N % E != 0``) and pushed through two
 ``torch.baddbmm`` calls over the stacked expert weights, instead of a Python loop over
-experts. The stacked weights are built with ``torch.stack`` on every forward (a cheap copy
-next to the GEMMs; differentiable, so training updates the per-expert parameters). With
-``cache_stacked_weights = True`` the stack is kept between no-grad forwards (faster
-inference, costs one extra copy of the expert weights in memory).
+experts. The parameters stay one ``nn.Linear`` pair per expert (the released names; EMA, EWA
+and optimizers see ordinary per-expert parameters), so the batched path needs the weights
+stacked into ``[E, ...]`` tensors:
+
+* with gradients enabled (training) they are stacked by ``torch.stack`` on every forward
+  (differentiable; on a GPU the copy is small next to forward + backward);
+* without gradients (inference) the stack is cached and rebuilt only when an expert
+  parameter changes (in-place updates, ``load_state_dict``, ``.to()``). The cache costs one
+  extra copy of the expert weights (about 1.26 GB for a full-size fp32 expert UNet); set
+  ``cache_stacked_weights = False`` (``UNetModel.cache_ffn_moe_weights(False)``) to trade it
+  for a stack per forward, which is slow on the CPU (fresh 2x105 MB allocations per layer).
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ class FFNMoE(nn.Module):
             )
             for _ in range(num_experts)
         )
-        self.cache_stacked_weights = False
+        self.cache_stacked_weights = True
         self.fixed_perm: torch.Tensor | None = None
         #: the permutation used by the last ``random``/``fixed`` forward (for logging/replay)
         self.last_perm: torch.Tensor | None = None
@@ -173,7 +180,12 @@ class FFNMoE(nn.Module):
         return self._cached("average", build)  # type: ignore[return-value]
 
     def clear_cache(self) -> None:
+        """Drop the cached stacked / averaged expert weights."""
         self._cache.clear()
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): stale cache
+        self.clear_cache()
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ routing
     def draw_permutation(self, num_tokens: int) -> torch.Tensor:

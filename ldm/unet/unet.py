@@ -219,7 +219,11 @@ class UNetModel(nn.Module):
         return [layer.last_perm for layer in self.ffn_moe_layers()]
 
     def cache_ffn_moe_weights(self, enabled: bool = True) -> None:
-        """Keep stacked expert weights between no-grad forwards (faster, +1 copy of experts)."""
+        """Keep the stacked expert weights between no-grad forwards (default on).
+
+        On: fast inference, one extra copy of the expert weights in memory. Off: the
+        weights are stacked again in every forward (no extra resident memory, slower).
+        """
         for layer in self.ffn_moe_layers():
             layer.cache_stacked_weights = enabled
             if not enabled:
