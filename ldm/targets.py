@@ -6,3 +6,4 @@ One import per line; add yours when you register a new target.
 # ruff: noqa: F401
 import ldm.autoencoders.autoencoder
 import ldm.unet
+import ldm.training.timestep_sampler
