@@ -99,7 +99,9 @@ class TimestepRouter:
             raise ValueError(
                 f"t must have shape [{batch}] (one timestep per sample), got {tuple(t.shape)}"
             )
-        stage = self.stages.stage_of(t)
+        # the expert choice happens on the host: one device sync per call (as the release's
+        # ``t[0].item()``), then index tensors go back to the data's device
+        stage = self.stages.stage_of(t.cpu())
         unique = torch.unique(stage).tolist()
         if len(unique) == 1:
             return self._use(unique[0])(x_t, t, cond)
@@ -110,7 +112,7 @@ class TimestepRouter:
             unique.insert(0, self.current_stage)
         out: torch.Tensor | None = None
         for k in unique:
-            idx = (stage == k).nonzero().squeeze(1)
+            idx = (stage == k).nonzero().squeeze(1).to(x_t.device)
             eps_k = self._use(k)(x_t[idx], t[idx], _take(cond, idx, batch))
             if out is None:
                 out = eps_k.new_empty((batch, *eps_k.shape[1:]))
