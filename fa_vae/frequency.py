@@ -66,6 +66,8 @@ class AFNO2D(nn.Module):
 
     def reset_parameters(self, scale: float = 0.02) -> None:
         """Official initialisation: every weight and bias ``scale * N(0, 1)``."""
+        if self.w1.is_meta:  # nothing to fill (and normal_ on meta is slow to set up)
+            return
         with torch.no_grad():
             for p in (self.w1, self.b1, self.w2, self.b2):
                 p.normal_(0.0, scale)

@@ -61,6 +61,8 @@ class ResidualDenseBlock(nn.Module):
 
     def reset_parameters(self, scale: float = 0.1) -> None:
         """basicsr's init for RRDB: Kaiming-normal weights times ``scale``, zero biases."""
+        if self.conv1.weight.is_meta:  # nothing to fill (and normal_ on meta is slow to set up)
+            return
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
             nn.init.kaiming_normal_(conv.weight)
             with torch.no_grad():
