@@ -109,9 +109,10 @@ class AFNO2D(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             h, w = x.shape[-2:]
             spectrum = torch.fft.rfft2(x.float(), dim=(2, 3), norm="ortho")
-            filtered = spectrum * self.spectral_mask(spectrum)
-            y = torch.fft.irfft2(filtered, s=(h, w), dim=(2, 3), norm="ortho")
-        return y.to(x.dtype) + x
+            mask = self.spectral_mask(spectrum)
+            filtered = spectrum.mul_(mask) if not torch.is_grad_enabled() else spectrum * mask
+            y = torch.fft.irfft2(filtered, s=(h, w), dim=(2, 3), norm="ortho").to(x.dtype)
+        return y.add_(x) if not torch.is_grad_enabled() else y + x
 
     def extra_repr(self) -> str:
         return (
@@ -160,9 +161,21 @@ class ConvBNAct(nn.Module):
         if act:
             layers["act"] = nn.LeakyReLU(negative_slope)
         self.block = nn.Sequential(layers)
+        self.negative_slope = negative_slope if act else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        if torch.is_grad_enabled() or self.block.norm.training:
+            return self.block(x)
+        # Inference: the same maths, with BatchNorm and activation applied in place on the
+        # fresh conv output (the full-resolution blocks are 4x wider than the decoder).
+        norm = self.block.norm
+        x = self.block.conv(x)
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        shift = norm.bias - norm.running_mean * scale
+        x.mul_(scale[:, None, None]).add_(shift[:, None, None])
+        if self.negative_slope is not None:
+            F.leaky_relu(x, self.negative_slope, inplace=True)
+        return x
 
 
 class InvertedResidual(nn.Module):
@@ -182,7 +195,9 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)
-        return x + out if self.use_residual else out
+        if not self.use_residual:
+            return out
+        return out.add_(x) if not torch.is_grad_enabled() else out + x
 
 
 class DropPath(nn.Module):
@@ -235,8 +250,11 @@ class AFFBlock(nn.Module):
         self.mlp = InvertedResidual(in_channels, out_channels, expand_ratio=mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mlp(self.norm1(x)) + self.up_dim(x)
-        return self.drop_path(self.filter(self.norm2(h))) + h
+        no_grad = not torch.is_grad_enabled()
+        h = self.mlp(self.norm1(x))
+        h = h.add_(self.up_dim(x)) if no_grad else h + self.up_dim(x)
+        out = self.drop_path(self.filter(self.norm2(h)))
+        return out.add_(h) if no_grad else out + h
 
 
 def _subpixel_up(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -286,3 +286,15 @@ def test_safetensors_round_trip(kind, tmp_path):
     other = "kl_f8" if kind == "vq_f4" else "vq_f4"
     with pytest.raises(CheckpointMismatchError, match="not"):
         fa_vae.load_released(path, kind=other)
+
+
+def test_inference_fast_path_matches_autograd_path():
+    """No-grad inference folds BatchNorm and works in place; it must equal the plain path,
+    and the autograd path must give gradients to the frequency module and fuse layer."""
+    model = _tiny("vq_f4")
+    x, z = _inputs("vq_f4")
+    fast = _decode(model, "vq_f4", x, z)
+    out = model.decode(z, skips=model.lr_features(x))
+    torch.testing.assert_close(out.detach(), fast, atol=1e-5, rtol=1e-5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.frequency_parameters())
