@@ -327,3 +327,16 @@ def test_tiny_preset_matches_official_layout():
         a = instantiate(cfg).state_dict()
         b = instantiate(load_config("unet/sr8x_expert_tiny")).state_dict()
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_half_precision_model_runs(tiny_unet):
+    model = instantiate(load_config("unet/sr8x_expert_tiny")).to(torch.bfloat16).eval()
+    model.load_state_dict(tiny_unet.state_dict())
+    x, t = torch.randn(1, 6, 8, 8), torch.tensor([10])
+    model.set_ffn_moe_routing("average")
+    tiny_unet.set_ffn_moe_routing("average")
+    with torch.no_grad():
+        out = model(x.to(torch.bfloat16), t)
+        ref = tiny_unet(x, t)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)

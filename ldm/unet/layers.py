@@ -39,10 +39,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (LDM ``GroupNorm32``), result cast back."""
+    """GroupNorm computed in float32 (LDM ``GroupNorm32``), result cast back to ``x.dtype``.
+
+    Works for half/bfloat16 models too: the affine parameters are cast to float32 for the
+    computation.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:
