@@ -107,7 +107,7 @@ def parameter_digest(module: torch.nn.Module) -> str:
     for name, t in module.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,135 @@
+"""The tiny SR training config end to end: train, resume, dry-run, DDP on two CPU processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.cli.train import main
+from ldm.config import CONFIG_ROOT
+
+TINY = str(CONFIG_ROOT / "train" / "tiny_sr.yaml")
+FAST = [
+    "lightning.image_logger.every_n_steps=2",
+    "lightning.image_logger.sample_steps=2",
+    "lightning.checkpoint.every_n_train_steps=2",
+    "lightning.loggers=[csv]",
+]
+
+
+def make_hr_folder(folder: Path, n: int = 4, size: tuple[int, int] = (72, 80)) -> Path:
+    """A few random smooth-ish RGB images (bigger than the 64 px crop)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = rng.integers(0, 256, (size[0] // 8, size[1] // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((size[1], size[0]), Image.BICUBIC)
+        img.save(folder / f"img{i}.png")
+    return folder
+
+
+def _ckpt(path: Path) -> dict:
+    # Lightning checkpoints hold loop state besides tensors; our own file, so full load is fine
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_dry_run_prints_resolved_config(tmp_path, capsys):
+    rc = main(
+        ["--base", TINY, "--dry-run", "--logdir", str(tmp_path / "logs"), "data.batch_size=3"]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "target: diffusion_sr" in out
+    assert "batch_size: 3" in out
+    assert "${" not in out  # resolved (presets and interpolations)
+    assert "ffn_moe_experts: 4" in out  # the UNet preset was pulled in
+    assert not (tmp_path / "logs").exists()
+
+
+def test_bad_config_section_is_a_clear_error(tmp_path, capsys):
+    rc = main(["--base", TINY, "--dry-run", "modle.params.x=1"])
+    assert rc == 2
+    assert "unknown top-level config section(s) ['modle']" in capsys.readouterr().err
+
+
+def test_tiny_train_then_resume(tmp_path):
+    hr = make_hr_folder(tmp_path / "hr")
+    logdir = tmp_path / "logs"
+    common = [f"data.train.params.folder={hr}", *FAST]
+    assert main(["--base", TINY, "-l", str(logdir), "-n", "tiny", *common,
+                 "lightning.trainer.max_steps=3"]) == 0  # fmt: skip
+    (run_dir,) = logdir.iterdir()
+    assert run_dir.name.endswith("_tiny")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ck = _ckpt(last)
+    assert ck["global_step"] == 3
+    sd = ck["state_dict"]
+    assert int(sd["model_ema.num_updates"]) == 3
+    assert sd["model_ema.num_updates"].dtype == torch.int32
+    # LDM layout: schedule buffers, raw UNet, EMA, first stage
+    assert list(sd)[0] == "betas"
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in sd)
+    assert any(k.startswith("first_stage_model.encoder.") for k in sd)
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    assert len(list((run_dir / "configs").glob("*-project.yaml"))) == 1
+    grid = run_dir / "images" / "train" / "step-000002.png"
+    assert grid.is_file()
+    w, h = Image.open(grid).size
+    assert w > h  # one row per image, three columns: LR | sample | HR
+    ema_before = sd["model_ema.diffusion_modelout2weight"].clone()
+
+    # resume from the run folder: counters continue from step 3 to 5
+    assert main(["-r", str(run_dir), *common, "lightning.trainer.max_steps=5"]) == 0
+    assert [p.name for p in logdir.iterdir()] == [run_dir.name]  # same run folder
+    ck2 = _ckpt(last)
+    assert ck2["global_step"] == 5
+    assert int(ck2["state_dict"]["model_ema.num_updates"]) == 5
+    assert not torch.equal(ck2["state_dict"]["model_ema.diffusion_modelout2weight"], ema_before)
+    assert len(list((run_dir / "configs").glob("*-project.yaml"))) >= 1
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
+    assert steps[-1] == 4 and 3 in steps  # logged steps go on past the first run's last
+
+
+def test_resume_errors_are_clear(tmp_path, capsys):
+    assert main(["-r", str(tmp_path / "nope")]) == 2
+    assert "no such run folder or checkpoint" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert main(["-r", str(tmp_path / "run")]) == 2
+    assert "last.ckpt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    """Lightning DDP (gloo) with 2 CPU processes; both replicas end with identical weights."""
+    hr = make_hr_folder(tmp_path / "hr", n=4)
+    logdir = tmp_path / "logs"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MOESR_RUN_DIR", None)
+    cmd = [
+        sys.executable, "-m", "ldm.cli.train", "--base", TINY, "-l", str(logdir), "-n", "ddp",
+        f"data.train.params.folder={hr}", "lightning.loggers=[csv]", "lightning.image_logger=null",
+        "lightning.replica_digest=true", "lightning.trainer.max_steps=3",
+        "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = logdir.iterdir()
+    digests = [
+        json.loads((run_dir / "replica_digest" / f"rank{r}.json").read_text()) for r in (0, 1)
+    ]
+    assert digests[0]["world_size"] == 2
+    assert digests[0]["global_step"] == digests[1]["global_step"] == 3
+    assert digests[0]["digest"] == digests[1]["digest"]
+    ck = _ckpt(run_dir / "checkpoints" / "last.ckpt")
+    assert ck["global_step"] == 3
+    assert "2 (devices)" in proc.stderr  # LDM learning-rate scaling counted both processes
