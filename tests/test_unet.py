@@ -340,3 +340,13 @@ def test_half_precision_model_runs(tiny_unet):
         ref = tiny_unet(x, t)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
+
+
+def test_preset_guesser_names_unet_files():
+    from ldm.checkpoint import guess_preset
+
+    for preset in ("unet/sr8x_expert", "unet/ldm_sr4x", "unet/sr8x_expert_tiny"):
+        with torch.device("meta"):
+            sd = instantiate(load_config(preset)).state_dict()
+        assert guess_preset(sd) == preset
+        assert guess_preset({PREFIX + k: v for k, v in sd.items()}) == preset

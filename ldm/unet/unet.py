@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ldm.checkpoint import PRESET_GUESSERS
 from ldm.registry import register
 from ldm.unet.ffn_moe import FFNMoE
 from ldm.unet.layers import (
@@ -262,3 +263,21 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
+
+
+def guess_unet_preset(state_dict) -> str | None:
+    """Name the UNet preset a state_dict (prefix stripped or not) most likely belongs to."""
+    first = next((v for k, v in state_dict.items() if k.endswith("input_blocks.0.0.weight")), None)
+    if first is None or first.ndim != 4:
+        return None
+    experts = {k.split("moe_blocks.")[1].split(".")[0] for k in state_dict if ".moe_blocks." in k}
+    shape = (tuple(first.shape), len(experts))
+    return {
+        ((160, 6, 3, 3), 16): "unet/sr8x_expert",
+        ((160, 6, 3, 3), 0): "unet/ldm_sr4x",
+        ((32, 6, 3, 3), 4): "unet/sr8x_expert_tiny",
+    }.get(shape)
+
+
+if guess_unet_preset not in PRESET_GUESSERS:
+    PRESET_GUESSERS.append(guess_unet_preset)
