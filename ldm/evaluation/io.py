@@ -1,0 +1,69 @@
+"""Small image helpers for evaluation: read RGB files, list and pair folders by file name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_rgb(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as a float tensor ``[3, H, W]`` in [0, 1] (grey -> 3 channels, alpha dropped)."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` in [0, 1] -> ``[H, W, 3]`` uint8 (rounded)."""
+    return (img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def match_folders(pred_dir, ref_dir) -> list[tuple[Path, Path]]:
+    """Pair the images of two folders by file name (the stem: ``a.png`` pairs with ``a.jpg``).
+
+    Raises ``ValueError`` listing the unmatched names on each side (and duplicated stems).
+    """
+    pred, ref = list_images(pred_dir), list_images(ref_dir)
+    if not ref:
+        raise ValueError(f"no images in the reference folder {ref_dir}")
+    by_stem: dict[str, dict[str, Path]] = {"pred": {}, "ref": {}}
+    for side, files in (("pred", pred), ("ref", ref)):
+        for f in files:
+            if f.stem in by_stem[side]:
+                raise ValueError(
+                    f"two images named {f.stem!r} in {f.parent}: {by_stem[side][f.stem].name}, {f.name}"
+                )
+            by_stem[side][f.stem] = f
+    only_pred = sorted(set(by_stem["pred"]) - set(by_stem["ref"]))
+    only_ref = sorted(set(by_stem["ref"]) - set(by_stem["pred"]))
+    if only_pred or only_ref:
+
+        def fmt(names):
+            shown = ", ".join(names[:20]) + (
+                f" ... (+{len(names) - 20} more)" if len(names) > 20 else ""
+            )
+            return shown or "(none)"
+
+        raise ValueError(
+            "the folders do not pair up by file name:\n"
+            f"  only in {pred_dir}: {fmt(only_pred)}\n"
+            f"  only in {ref_dir}: {fmt(only_ref)}"
+        )
+    return [(by_stem["pred"][s], by_stem["ref"][s]) for s in sorted(by_stem["ref"])]
