@@ -73,3 +73,58 @@ def released_state_dict(
         sd["first_stage_model." + k] = v
     assert EMA_EXTRA_KEYS[0] in sd
     return sd
+
+
+# ----------------------------------------------------------------------------- tiny pipelines
+
+
+class StandInFAVAE(nn.Module):
+    """A cheap module with the FA-VAE interface (x4 down, one skip level) for fast tests.
+
+    Local operations only, so tiled and untiled decoding agree away from tile borders.
+    """
+
+    downsample_factor = 4
+    latent_channels = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.dec = nn.Conv2d(3 + 8, 3, 3, padding=1)
+
+    def encode(self, x: torch.Tensor, return_features: bool = False):
+        f = torch.nn.functional.avg_pool2d(self.enc(x), 2)
+        h = torch.nn.functional.avg_pool2d(x, 4)
+        return (h, [f]) if return_features else h
+
+    def decode(self, z: torch.Tensor, skips=None, *, quantize: bool = True) -> torch.Tensor:
+        up = torch.nn.functional.interpolate(z, scale_factor=4, mode="nearest")
+        f = torch.nn.functional.interpolate(skips[0], scale_factor=2, mode="nearest")
+        return torch.tanh(self.dec(torch.cat([up, f], 1)))
+
+
+def perturb_(model: nn.Module, scale: float = 0.05, seed: int = 0) -> nn.Module:
+    """Add noise to every parameter (zero-initialised output convs would make a UNet inert)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_unets(n: int = 4, seed: int = 0) -> list[nn.Module]:
+    from ldm.config import instantiate, load_config
+
+    cfg = load_config("unet/sr8x_expert_tiny")
+    out = []
+    for k in range(n):
+        torch.manual_seed(seed + k)
+        out.append(perturb_(instantiate(cfg), seed=seed + k).eval())
+    return out
+
+
+def tiny_fa_vae(seed: int = 0) -> nn.Module:
+    from ldm.config import instantiate, load_config
+
+    torch.manual_seed(seed)
+    return perturb_(instantiate(load_config("fa_vae/vq_f4_fa_tiny")), 0.02, seed).eval()

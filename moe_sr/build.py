@@ -1,0 +1,260 @@
+"""Assemble a :class:`~moe_sr.pipeline.MoESRPipeline` from a config and weight files.
+
+The config (``configs/moe_sr/sr8x.yaml``) names the expert UNet preset, the FA-VAE preset, the
+noise schedule, the stage boundaries and the sampler defaults. Weights come from
+
+* the release: four ``Unet/moe_stage{k}.ckpt`` (EMA weights by default) and
+  ``first_stage_models/vq-f4/fa_vae.pth``;
+* or our safetensors: one file per expert (stage, t-range and UNet config in the metadata) and
+  one for the FA-VAE, e.g. a folder written by :func:`export_pipeline`
+  (:func:`build_pipeline_from_folder`).
+
+Experts are loaded one at a time (peak memory: the experts so far plus one file's tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ldm.checkpoint import (
+    CheckpointError,
+    load_pretrained,
+    load_state_dict_strict,
+    read_pretrained_config,
+    read_state_dict,
+)
+from ldm.config import ConfigError, instantiate, load_config, to_plain
+from ldm.diffusion.schedule import NoiseSchedule
+from moe_sr.checkpoints import (
+    OnMismatch,
+    Weights,
+    check_expert_interval,
+    load_expert,
+    read_expert_metadata,
+    resolve_expert_order,
+    save_expert,
+)
+from moe_sr.pipeline import MoESRPipeline
+from moe_sr.stages import StageSchedule
+from moe_sr.tiling import TilingConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "moe_sr/sr8x"
+_REQUIRED = ("unet", "vae", "schedule", "stages")
+_KNOWN = (*_REQUIRED, "sampler", "color_fix", "ffn_moe_routing", "tiling")
+
+
+def load_pipeline_config(
+    config: str | os.PathLike | Mapping[str, Any] = DEFAULT_CONFIG, overrides: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The resolved pipeline config as a plain dict (a preset name, a YAML path or a mapping)."""
+    if isinstance(config, (Mapping, DictConfig)):
+        cfg = to_plain(config)
+        if overrides:
+            from omegaconf import OmegaConf
+
+            merged = OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.from_dotlist(list(overrides)))
+            cfg = to_plain(merged)
+    else:
+        cfg = to_plain(load_config(config, overrides=overrides))
+    missing = [k for k in _REQUIRED if k not in cfg]
+    unknown = sorted(set(cfg) - set(_KNOWN))
+    if missing or unknown:
+        raise ConfigError(
+            f"pipeline config: missing {missing}, unknown {unknown}; expected keys {list(_KNOWN)} "
+            "(see configs/moe_sr/sr8x.yaml)"
+        )
+    return dict(cfg)
+
+
+def build_schedule(spec: Mapping[str, Any]) -> NoiseSchedule:
+    """``{kind: linear|cosine, num_timesteps, ...}`` -> :class:`NoiseSchedule`."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "linear")
+    if kind == "linear":
+        return NoiseSchedule.linear(**spec)
+    if kind == "cosine":
+        return NoiseSchedule.cosine(**spec)
+    raise ConfigError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
+
+
+def _uninitialised(cfg: Mapping[str, Any]) -> nn.Module:
+    """Build ``cfg`` without spending time on random init (every tensor is loaded afterwards)."""
+    with torch.device("meta"):
+        model = instantiate(cfg)
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        return instantiate(cfg)  # non-persistent buffers would stay uninitialised: init normally
+    return model.to_empty(device="cpu")
+
+
+def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
+    """The FA-VAE of ``cfg`` with weights from a released ``fa_vae.pth`` or our safetensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        found = read_pretrained_config(path)
+        if found.get("target") != cfg.get("target"):
+            raise CheckpointError(
+                f"{path} holds a {found.get('target')!r} model, the config wants {cfg.get('target')!r}"
+            )
+        return load_pretrained(path).eval()
+    state_dict = read_state_dict(path)
+    if "encoder.conv_in.weight" not in state_dict:  # a full LDM checkpoint: take the first stage
+        inner = {
+            k[len("first_stage_model.") :]: v
+            for k, v in state_dict.items()
+            if k.startswith("first_stage_model.")
+        }
+        state_dict = inner or state_dict
+    vae = _uninitialised(cfg)
+    load_state_dict_strict(vae, state_dict, what=str(path))
+    return vae.eval()
+
+
+def load_experts(
+    cfg: Mapping[str, Any],
+    paths: Sequence[str | os.PathLike],
+    stages: StageSchedule,
+    schedule: NoiseSchedule,
+    *,
+    weights: Weights = "ema",
+    schedule_check: OnMismatch = "error",
+) -> list[nn.Module]:
+    """One UNet per stage, in stage order (see :func:`moe_sr.checkpoints.resolve_expert_order`)."""
+    unets = []
+    for k, path in enumerate(resolve_expert_order(paths, stages.num_stages)):
+        unet_cfg = cfg["unet"]
+        if path.suffix == ".safetensors":
+            unet_cfg = read_expert_metadata(path).get("config", unet_cfg)
+        unet = _uninitialised(unet_cfg)
+        info = load_expert(
+            path, unet, weights=weights, schedule=schedule, schedule_check=schedule_check
+        )
+        check_expert_interval(info, k, stages.interval(k))
+        unets.append(unet.eval())
+        logger.info("expert %d (timesteps %s) <- %s", k, stages.interval(k), path)
+    return unets
+
+
+def pipeline_from_parts(
+    cfg: Mapping[str, Any],
+    unets: Sequence[nn.Module],
+    vae: nn.Module,
+    **kwargs: Any,
+) -> MoESRPipeline:
+    """A pipeline from built modules, with the config's schedule, stages and defaults."""
+    sampler = dict(cfg.get("sampler") or {})
+    defaults: dict[str, Any] = {
+        "steps": sampler.get("steps", 200),
+        "eta": sampler.get("eta", 1.0),
+        "seed": sampler.get("seed", 42),
+        "color_fix": cfg.get("color_fix", "adain"),
+        "ffn_moe_routing": cfg.get("ffn_moe_routing", "random"),
+        "tiling": TilingConfig(**dict(cfg.get("tiling") or {})),
+    }
+    defaults.update({k: v for k, v in kwargs.items() if v is not None})
+    return MoESRPipeline(
+        unets,
+        StageSchedule(cfg["stages"]),
+        build_schedule(cfg["schedule"]),
+        vae,
+        **defaults,
+    )
+
+
+def build_pipeline(
+    config: str | os.PathLike | Mapping[str, Any] = DEFAULT_CONFIG,
+    experts: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
+    *,
+    overrides: Iterable[str] = (),
+    weights: Weights = "ema",
+    schedule_check: OnMismatch = "error",
+    **pipeline_kwargs: Any,
+) -> MoESRPipeline:
+    """Config + expert checkpoints (released ``.ckpt`` or our ``.safetensors``) + FA-VAE weights.
+
+    ``pipeline_kwargs`` go to :class:`MoESRPipeline` (``device``, ``dtype``, ``vae_dtype``,
+    ``offload``, ``steps``, ``eta``, ``seed``, ``color_fix``, ``ffn_moe_routing``, ``tiling``);
+    ``None`` values keep the config's defaults.
+    """
+    cfg = load_pipeline_config(config, overrides)
+    if vae is None:
+        raise ValueError("give the FA-VAE weights (released fa_vae.pth or our .safetensors)")
+    stages = StageSchedule(cfg["stages"])
+    schedule = build_schedule(cfg["schedule"])
+    unets = load_experts(
+        cfg, experts, stages, schedule, weights=weights, schedule_check=schedule_check
+    )
+    pipe = pipeline_from_parts(cfg, unets, load_vae(cfg["vae"], vae), **pipeline_kwargs)
+    pipe.config = cfg
+    return pipe
+
+
+def find_folder_files(folder: str | os.PathLike) -> tuple[list[Path], Path]:
+    """Expert files (with stage metadata) and the one FA-VAE file in a folder of ours."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder")
+    experts, others = [], []
+    for p in sorted(folder.glob("*.safetensors")):
+        (experts if "stage" in read_expert_metadata(p) else others).append(p)
+    if not experts:
+        raise FileNotFoundError(
+            f"{folder} holds no expert .safetensors with stage metadata (write them with "
+            "moe_sr.build.export_pipeline or moe_sr.checkpoints.save_expert)"
+        )
+    vaes = [p for p in others if "fa_vae" in str(read_pretrained_config(p).get("target", ""))]
+    if len(vaes) != 1:
+        raise FileNotFoundError(
+            f"{folder} must hold exactly one FA-VAE .safetensors, found {[p.name for p in vaes]}"
+        )
+    return experts, vaes[0]
+
+
+def build_pipeline_from_folder(
+    folder: str | os.PathLike,
+    config: str | os.PathLike | Mapping[str, Any] = DEFAULT_CONFIG,
+    **kwargs: Any,
+) -> MoESRPipeline:
+    """A pipeline from a folder of our safetensors (experts ordered by their metadata)."""
+    experts, vae = find_folder_files(folder)
+    return build_pipeline(config, experts, vae, **kwargs)
+
+
+def export_pipeline(pipe: MoESRPipeline, folder: str | os.PathLike) -> list[Path]:
+    """Write ``expert_stage{k}.safetensors`` and ``fa_vae.safetensors`` (weights + configs).
+
+    Needs ``pipe.config`` (set by :func:`build_pipeline`) for the UNet and VAE configs.
+    """
+    from ldm.checkpoint import save_pretrained
+
+    cfg = getattr(pipe, "config", None)
+    if cfg is None:
+        raise ValueError("export_pipeline needs a pipeline made by build_pipeline (with .config)")
+    folder = Path(folder)
+    out = []
+    for k, unet in enumerate(pipe.unets):
+        out.append(
+            save_expert(
+                unet.float(),
+                folder / f"expert_stage{k}.safetensors",
+                config=cfg["unet"],
+                stage=k,
+                num_stages=pipe.stages.num_stages,
+                t_range=pipe.stages.interval(k),
+            )
+        )
+        unet.to(pipe.dtype)
+    out.append(save_pretrained(pipe.vae.float(), folder / "fa_vae.safetensors", cfg["vae"]))
+    pipe.vae.to(pipe.vae_dtype)
+    return out

@@ -1,0 +1,265 @@
+"""``moe-sr`` / ``python -m moe_sr``: 8x super-resolution of images with SS-MoE + FA-VAE.
+
+Examples::
+
+    # the released files (moe_sr.hub.download_release puts them under models/)
+    moe-sr --ckpt models/Unet/moe_stage{0,1,2,3}.ckpt \\
+        --vae-ckpt models/first_stage_models/vq-f4/fa_vae.pth -i examples/lr -o outputs/sr
+    # a folder of our safetensors (experts + FA-VAE), GPU, half precision, experts offloaded
+    moe-sr --weights-dir release_st/ -i lr/ -o sr/ --device cuda --dtype fp16 --vae-fp32 --offload
+
+Outputs keep the input file names (sorted), are written atomically, and existing ones are
+skipped unless ``--overwrite``. An unreadable image is reported and skipped; the exit status is
+1 if any image failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("moe_sr.sr")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe-sr",
+        description="8x image super-resolution: latent diffusion with a sampling-space mixture "
+        "of experts and the frequency-augmented VAE (Luo et al., arXiv 2310.12004).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input / output")
+    io.add_argument("-i", "--input", nargs="+", required=True, help="LR images and/or folders")
+    io.add_argument("-o", "--output", required=True, help="output folder (same file names)")
+    io.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    io.add_argument(
+        "--save-latents",
+        action="store_true",
+        help="also write the sampled latents to OUTPUT/latents/<name>.safetensors",
+    )
+    io.add_argument("--quiet", action="store_true", help="no progress bars")
+    io.add_argument("--dry-run", action="store_true", help="print the plan and the config, exit")
+
+    w = p.add_argument_group("model and weights")
+    w.add_argument("--config", default="moe_sr/sr8x", help="pipeline preset or YAML file")
+    w.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set tiling.latent_tile=96 (repeatable)",
+    )
+    w.add_argument(
+        "--ckpt",
+        nargs="+",
+        default=[],
+        help="expert checkpoints in stage order (released moe_stage{k}.ckpt or our "
+        ".safetensors; ours are ordered by their metadata)",
+    )
+    w.add_argument("--weights-dir", help="folder of our .safetensors (experts + FA-VAE)")
+    w.add_argument("--vae-config", help="FA-VAE preset or YAML ({target, params}); default: config")
+    w.add_argument("--vae-ckpt", help="FA-VAE weights (released fa_vae.pth or .safetensors)")
+    w.add_argument(
+        "--weights",
+        choices=["ema", "raw"],
+        default="ema",
+        help="which UNet weights of the released .ckpt files",
+    )
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, help="DDIM steps (config default: 200)")
+    s.add_argument("--eta", type=float, help="DDIM eta (config default: 1.0)")
+    s.add_argument("--seed", type=int, help="seed, the same for every image (default: 42)")
+    s.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="(default: adain)")
+    s.add_argument("--ffn-moe-routing", choices=["random", "average"], help="(default: random)")
+
+    r = p.add_argument_group("resources")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="UNet precision")
+    r.add_argument("--vae-fp32", action="store_true", help="keep the FA-VAE in float32")
+    r.add_argument("--offload", action="store_true", help="only the active expert on the device")
+    r.add_argument("--tile", choices=["auto", "on", "off"], help="tiling (default: auto)")
+    r.add_argument("--tile-size", type=int, help="latent tile size (latent px; x4 = output px)")
+    r.add_argument("--tile-overlap", type=int, help="latent tile overlap (latent px)")
+    r.add_argument("--vae-tile-size", type=int, help="FA-VAE decoding tile (latent px)")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    for flag, key in (
+        ("tile", "tiling.mode"),
+        ("tile_size", "tiling.latent_tile"),
+        ("tile_overlap", "tiling.latent_overlap"),
+        ("vae_tile_size", "tiling.vae_tile"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def _config(args: argparse.Namespace) -> dict:
+    from ldm.config import load_config, to_plain
+    from moe_sr.build import load_pipeline_config
+
+    cfg = load_pipeline_config(args.config, _overrides(args))
+    if args.vae_config:
+        cfg["vae"] = to_plain(load_config(args.vae_config))
+    return cfg
+
+
+def _plan(files: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
+    out = Path(args.output)
+    plan = []
+    for f in files:
+        latent = out / "latents" / f"{f.stem}.safetensors" if args.save_latents else None
+        plan.append((f, out / f.name, latent))
+    names = [f.name for f in files]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SystemExit(f"moe-sr: several inputs share the output name(s) {dup}; run them apart")
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from ldm.cli.reconstruct import collect_inputs
+    from ldm.config import ConfigError, dump
+
+    try:
+        cfg = _config(args)
+    except (ConfigError, ValueError) as err:
+        _err(f"moe-sr: {err}")
+        return 2
+    files, errors = collect_inputs(args.input)
+    plan = _plan(files, args)
+    todo = [
+        item
+        for item in plan
+        if args.overwrite or not item[1].exists() or (item[2] is not None and not item[2].exists())
+    ]
+    if args.dry_run:
+        sys.stdout.write(dump(cfg))
+        for src, dst, lat in plan:
+            state = "run" if (src, dst, lat) in todo else "skip (exists)"
+            sys.stdout.write(f"{src} -> {dst}{' + ' + str(lat) if lat else ''}  [{state}]\n")
+        return 0
+    if len(todo) < len(plan):
+        logger.info("skipping %d image(s) whose outputs exist (--overwrite)", len(plan) - len(todo))
+    if not todo:
+        for line in errors:
+            _err(f"moe-sr: {line}")
+        return 1 if errors else 0
+    try:
+        pipe = _build(args, cfg)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError, RuntimeError) as err:
+        _err(f"moe-sr: cannot build the pipeline: {err}")
+        return 2
+    errors += _run(pipe, todo, args)
+    if errors:
+        _err(f"moe-sr: {len(errors)} problem(s):")
+        for line in errors:
+            _err(f"  {line}")
+        return 1
+    return 0
+
+
+def _build(args: argparse.Namespace, cfg: dict):
+    from moe_sr.build import build_pipeline, find_folder_files
+
+    if args.weights_dir:
+        if args.ckpt:
+            raise ValueError("give either --ckpt or --weights-dir, not both")
+        experts, vae = find_folder_files(args.weights_dir)
+        vae = args.vae_ckpt or vae
+    else:
+        experts, vae = args.ckpt, args.vae_ckpt
+        if not experts or not vae:
+            raise ValueError(
+                "give the expert checkpoints (--ckpt, one per stage) and --vae-ckpt, or "
+                "--weights-dir; download the released files with "
+                "`python -c 'from moe_sr.hub import download_release; download_release(\"models\")'`"
+            )
+    dtype = DTYPES[args.dtype]
+    return build_pipeline(
+        cfg,
+        experts,
+        vae,
+        weights=args.weights,
+        device=args.device,
+        dtype=dtype,
+        vae_dtype=torch.float32 if args.vae_fp32 else None,
+        offload=args.offload,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        color_fix=args.color_fix,
+        ffn_moe_routing=args.ffn_moe_routing,
+    )
+
+
+def _run(pipe, todo: list[tuple[Path, Path, Path | None]], args: argparse.Namespace) -> list[str]:
+    from tqdm import tqdm
+
+    from ldm.data.image_io import ImageReadError, read_image, write_image
+
+    errors = []
+    bar = tqdm(todo, desc="images", unit="img", disable=args.quiet)
+    for src, dst, latent_path in bar:
+        bar.set_postfix_str(src.name)
+        try:
+            lr = read_image(src)
+        except (ImageReadError, OSError, ValueError) as err:
+            errors.append(f"{src}: {err}")
+            continue
+        steps_bar = tqdm(total=pipe.steps if args.steps is None else args.steps, desc="  steps",
+                         unit="step", leave=False, disable=args.quiet)  # fmt: skip
+        start = time.perf_counter()
+        try:
+            result = pipe(lr, callback=lambda *_, bar=steps_bar: bar.update(1))
+        except (ValueError, RuntimeError) as err:
+            errors.append(f"{src}: {err}")
+            continue
+        finally:
+            steps_bar.close()
+        write_image(result.image, dst)
+        if latent_path is not None:
+            _save_latent(result.latent, latent_path, src, pipe, args)
+        logger.debug("%s -> %s in %.1f s", src, dst, time.perf_counter() - start)
+    return errors
+
+
+def _save_latent(latent: torch.Tensor, path: Path, src: Path, pipe, args) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "source": src.name,
+        "seed": str(pipe.seed if args.seed is None else args.seed),
+        "steps": str(pipe.steps if args.steps is None else args.steps),
+        "eta": str(pipe.eta if args.eta is None else args.eta),
+        "layout": "CHW pre-quantisation vq-f4 latent of the 8x output (2x the LR size)",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"latent": latent.contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
