@@ -5,3 +5,4 @@ One import per line; add yours when you register a new target.
 
 # ruff: noqa: F401
 import moe_sr.stages
+import moe_sr.training

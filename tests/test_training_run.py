@@ -38,8 +38,7 @@ def make_hr_folder(folder: Path, n: int = 4, size: tuple[int, int] = (72, 80)) -
 
 
 def _ckpt(path: Path) -> dict:
-    # Lightning checkpoints hold loop state besides tensors; our own file, so full load is fine
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_dry_run_prints_resolved_config(tmp_path, capsys):

@@ -45,7 +45,8 @@ from ldm.config import ConfigError, dump, instantiate, load_config, save_resolve
 logger = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "MOESR_RUN_DIR"
-KNOWN_SECTIONS = {"model", "data", "lightning", "trainer"}
+#: ``stage`` / ``stages``: variables of the stage-expert configs (interpolated into the model).
+KNOWN_SECTIONS = {"model", "data", "lightning", "trainer", "stage", "stages"}
 KNOWN_LIGHTNING = {
     "trainer",
     "scale_lr",
@@ -114,6 +115,27 @@ def make_run_paths(
     return RunPaths(run_dir=Path(logdir) / f"{now}_{name}", name=name, now=now)
 
 
+def expand_includes(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
+    """``path`` preceded by the files its top-level ``include:`` names (recursively).
+
+    ``include: train/sr8x_unet`` (or a list) lets a config extend another one instead of
+    copying it; the including file's values win.
+    """
+    from ldm.config import load_yaml, resolve_config_path
+
+    resolved = str(resolve_config_path(path))
+    if resolved in _seen:
+        raise ConfigError(f"config include cycle: {' -> '.join((*_seen, resolved))}")
+    inc = load_yaml(resolved).get("include")
+    if inc is None:
+        return [resolved]
+    incs = [inc] if isinstance(inc, str) else list(inc)
+    out: list[str] = []
+    for i in incs:
+        out += expand_includes(str(i), (*_seen, resolved))
+    return out + [resolved]
+
+
 def compose_config(
     bases: Sequence[str], overrides: Sequence[str], paths: RunPaths | None = None
 ) -> DictConfig:
@@ -121,10 +143,12 @@ def compose_config(
     files: list[str] = []
     if paths is not None and paths.resume_ckpt is not None and paths.cfg_dir.is_dir():
         files += [str(p) for p in sorted(paths.cfg_dir.glob("*.yaml"))]
-    files += list(bases)
+    for b in bases:
+        files += expand_includes(b)
     if not files:
         raise ConfigError("no config given: pass --base configs/train/<name>.yaml")
     cfg = load_config(*files, overrides=overrides)
+    cfg.pop("include", None)
     unknown = sorted(set(cfg) - KNOWN_SECTIONS)
     if unknown:
         raise ConfigError(
