@@ -65,6 +65,13 @@ def read_state_dict(
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): re-download or re-export it")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, map_location)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80" and head[:2] != b"PK":
+        raise CheckpointError(  # neither torch's zip format nor a (legacy) pickle
+            f"{path} is not a PyTorch checkpoint (first bytes {head!r}; expected a zip "
+            "archive or a pickle): check the file name, or re-download it"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=_can_mmap(path))
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
@@ -73,9 +80,11 @@ def read_state_dict(
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
     except Exception as err:  # pickle.UnpicklingError and friends
+        detail = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
         raise CheckpointError(
-            f"{path} could not be loaded safely (weights_only=True): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            f"{path} holds Python objects other than tensors and plain containers; "
+            "refusing to unpickle them (torch.load weights_only=True). Re-export it as a "
+            f"state dict or safetensors{' (' + detail[0] + ')' if detail else ''}"
         ) from None
     return unwrap_state_dict(obj, source=str(path))
 
