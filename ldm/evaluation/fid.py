@@ -100,21 +100,3 @@ def fid_pyiqa(pred_dir: Path, ref_dir: Path, *, device=None, weights_dir=None) -
     W.pyiqa_fid_weights(weights_dir)
     metric = pyiqa.create_metric("fid", device=torch.device(device or "cpu"))
     return float(metric(str(pred_dir), str(ref_dir), mode="clean", verbose=False))
-
-
-def compute_fid(
-    name: str,
-    pred_dir: Path,
-    ref_dir: Path,
-    pred_files,
-    ref_files,
-    *,
-    device=None,
-    weights_dir=None,
-) -> float:
-    """Dispatch ``fid`` / ``fid_unverified``."""
-    if name == "fid":
-        return fid_pyiqa(pred_dir, ref_dir, device=device, weights_dir=weights_dir)
-    if name == "fid_unverified":
-        return fid_unverified(pred_files, ref_files, device=device, weights_dir=weights_dir)
-    raise ValueError(f"not a distribution metric: {name!r}")
