@@ -1,0 +1,1 @@
+"""Command-line interfaces of fa_vae (argument parsing; scripts/ holds thin shims)."""
