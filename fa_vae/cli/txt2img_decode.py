@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="key prefix of the VAE in a --compare-sd-vae checkpoint file "
         "(first_stage_model. for a full SD .ckpt)",
     )
+    p.add_argument(
+        "--sd-vae-config",
+        default="autoencoder/kl_f8",
+        help="preset of a --compare-sd-vae checkpoint file (default autoencoder/kl_f8; "
+        "not needed for moe-sr .safetensors files)",
+    )
     p.add_argument("-o", "--outdir", default="outputs/txt2img", help="output folder")
     p.add_argument("--batch-size", type=int, default=4, help="latents per decode call")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -113,9 +119,14 @@ def load_fa_vae(config: str | None, ckpt: str, device: torch.device, dtype: torc
 
 
 def load_compare_vae(
-    name: str, prefix: str, device: torch.device, dtype: torch.dtype
+    name: str,
+    prefix: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: str = "autoencoder/kl_f8",
 ) -> torch.nn.Module:
-    """The original SD VAE: our converter for checkpoint files, diffusers otherwise."""
+    """The original SD VAE: a checkpoint file (LDM/SD or diffusers naming, loaded with our
+    ``kl_model`` of preset ``config``), else a diffusers folder or hub id."""
     from fa_vae.txt2img import load_diffusers_vae
 
     path = Path(name).expanduser()
@@ -124,8 +135,7 @@ def load_compare_vae(
             raise ValueError(f"{path}: unknown VAE file type (expected one of {_FILE_SUFFIXES})")
         from ldm.autoencoders.weights import is_pretrained_file, load_autoencoder
 
-        config = None if is_pretrained_file(path) else "autoencoder/kl_f8"
-        vae = load_autoencoder(config, path, prefix=prefix)
+        vae = load_autoencoder(None if is_pretrained_file(path) else config, path, prefix=prefix)
         return vae.to(device=device, dtype=dtype).eval()
     return load_diffusers_vae(name, torch_dtype=dtype, device=device)
 
@@ -169,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         fa = load_fa_vae(args.config, args.ckpt, device, dtype)
         sd = None
         if args.compare_sd_vae:
-            sd = load_compare_vae(args.compare_sd_vae, args.sd_vae_prefix, device, dtype)
+            sd = load_compare_vae(
+                args.compare_sd_vae, args.sd_vae_prefix, device, dtype, args.sd_vae_config
+            )
     except (CheckpointError, ConfigError, PipelineLoadError, OSError, ValueError) as err:
         _err(f"error: {err}")
         return 2
