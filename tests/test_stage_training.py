@@ -120,3 +120,26 @@ def test_tiny_stage_training_and_export(tmp_path):
     plain["hyper_parameters"] = dict(obj["hyper_parameters"], timestep_sampler=None)
     torch.save(plain, tmp_path / "plain.ckpt")
     assert export_main([str(tmp_path / "plain.ckpt"), str(tmp_path / "x.safetensors")]) == 2
+
+
+@pytest.mark.slow
+def test_train_moe_script_trains_and_exports_every_stage(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_training_run import make_hr_folder
+
+    hr = make_hr_folder(tmp_path / "hr")
+    out = tmp_path / "experts"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    cmd = ["bash", str(CONFIG_ROOT.parent / "scripts" / "train_moe.sh"), "-c", TINY_STAGE,
+           "-o", str(out), "-l", str(tmp_path / "logs"), "--", "stages=[0,500,1000]",
+           f"data.train.params.folder={hr}", "lightning.trainer.max_steps=2",
+           "lightning.image_logger=null", "lightning.loggers=[csv]"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metas = [read_expert_metadata(out / f"expert_stage{k}.safetensors") for k in (0, 1)]
+    assert [m["t_range"] for m in metas] == [(0, 500), (500, 1000)]
+    assert all(m["num_stages"] == 2 for m in metas)
+    assert "initialised the UNet from" in proc.stderr  # stage 1 started from stage 0's EMA

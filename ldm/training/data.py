@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from ldm.config import ConfigError, instantiate, to_plain
 from ldm.registry import register
@@ -145,3 +146,82 @@ def sample_image_folder(folder: str, dataset: Mapping[str, Any]) -> Any:
     """
     write_sample_images(folder)
     return instantiate(dataset)
+
+
+class LatentFolderDataset(Dataset):
+    """Items of ``dataset`` plus ``latent``: ``<latent_dir>/<image stem>.safetensors`` (key
+    ``latent``, ``[C, h, w]``), as ``moe-sr --save-latents`` writes them.
+
+    The FA-VAE recipe decodes latents that the diffusion model generated for each training image.
+    Build ``dataset`` over whole images (no random crop); ``crop_size`` (HR pixels) then takes one
+    random crop aligned across every tensor (each cropped at its own scale relative to ``hr``).
+    """
+
+    def __init__(
+        self,
+        dataset: Mapping[str, Any],
+        latent_dir: str | os.PathLike,
+        crop_size: int | None = None,
+        hr_key: str = "hr",
+        seed: int | None = None,
+    ):
+        self.base = instantiate(dataset)
+        self.latent_dir = Path(latent_dir)
+        if not self.latent_dir.is_dir():
+            raise ConfigError(f"latent_dir {self.latent_dir} does not exist")
+        self.crop_size = crop_size
+        self.hr_key = hr_key
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _latent(self, image_path: str) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        path = self.latent_dir / (Path(image_path).stem + ".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no latent for {image_path}: expected {path} (generate it with "
+                "`moe-sr ... --save-latents` over the LR images of the training set)"
+            )
+        z = load_file(str(path))["latent"]
+        return z[0] if z.ndim == 4 else z
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.base[index])
+        if "path" not in item:
+            raise KeyError("the wrapped dataset must return the image 'path' to find its latent")
+        z = self._latent(item["path"]).float()
+        hr = item[self.hr_key]
+        f_h, f_w = hr.shape[-2] / z.shape[-2], hr.shape[-1] / z.shape[-1]
+        if f_h != f_w or f_h != int(f_h):
+            raise ValueError(
+                f"latent {tuple(z.shape)} does not fit the HR image {tuple(hr.shape)} of "
+                f"{item['path']} (expected an integer downsampling factor)"
+            )
+        item["latent"] = z
+        if self.crop_size is None:
+            return item
+        H, W = hr.shape[-2:]
+        cs = self.crop_size
+        if cs > min(H, W):
+            raise ValueError(f"crop_size {cs} is larger than the image {H}x{W} ({item['path']})")
+        g = (
+            torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            if self.seed is not None
+            else None
+        )
+        step = max(int(hr.shape[-2] / t.shape[-2]) for t in item.values() if torch.is_tensor(t))
+        top = int(torch.randint(0, (H - cs) // step + 1, (1,), generator=g)) * step
+        left = int(torch.randint(0, (W - cs) // step + 1, (1,), generator=g)) * step
+        for k, t in list(item.items()):
+            if torch.is_tensor(t) and t.ndim == 3:
+                s = H // t.shape[-2]
+                if cs % s:
+                    raise ValueError(f"crop_size {cs} is not a multiple of {k}'s factor {s}")
+                item[k] = t[:, top // s : (top + cs) // s, left // s : (left + cs) // s]
+        return item
+
+
+register("latent_folder")(LatentFolderDataset)

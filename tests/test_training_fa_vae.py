@@ -1,0 +1,97 @@
+"""FA-VAE training: GAN / frequency loss pieces and a tiny run (only the FA parts train)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.cli.train import main
+from ldm.config import CONFIG_ROOT, instantiate, load_config
+from ldm.training.gan_losses import (
+    FocalFrequencyLoss,
+    NLayerDiscriminator,
+    adaptive_weight,
+    adopt_weight,
+    hinge_d_loss,
+)
+
+TINY_FA = str(CONFIG_ROOT / "train" / "fa_vae_tiny.yaml")
+
+
+def test_discriminator_layout():
+    d = NLayerDiscriminator(3, 64, 3)
+    names = [n for n, _ in d.named_parameters()]
+    # taming's PatchGAN: conv, (conv+BN) x 3, conv; biases only where no BatchNorm follows
+    assert names == ["main.0.weight", "main.0.bias", "main.2.weight", "main.3.weight",
+                     "main.3.bias", "main.5.weight", "main.6.weight", "main.6.bias",
+                     "main.8.weight", "main.9.weight", "main.9.bias", "main.11.weight",
+                     "main.11.bias"]  # fmt: skip
+    assert tuple(d(torch.zeros(1, 3, 64, 64)).shape) == (1, 1, 6, 6)
+
+
+def test_hinge_and_schedule():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    # 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))) = 0.5 * (0.25 + 0.5)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.375)
+    assert adopt_weight(1.0, 9, threshold=10) == 0.0
+    assert adopt_weight(1.0, 10, threshold=10) == 1.0
+
+
+def test_adaptive_weight_is_gradient_norm_ratio():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    nll = (3.0 * w).sum()  # grad 3 per entry
+    g = (0.5 * w).sum()  # grad 0.5 per entry
+    d = adaptive_weight(nll, g, w, scale=2.0)
+    assert d.item() == pytest.approx(2.0 * 3.0 / (0.5 + 1e-4 / 2**0.5), rel=1e-3)
+    assert not d.requires_grad
+
+
+def test_focal_frequency_loss():
+    ffl = FocalFrequencyLoss()
+    x = torch.randn(2, 3, 16, 16)
+    assert ffl(x, x).item() == 0.0
+    y = x + 0.1 * torch.randn_like(x)
+    assert ffl(y, x).item() > 0
+    y.requires_grad_(True)
+    ffl(y, x).backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_tiny_fa_vae_training_trains_only_the_fa_parts(tmp_path):
+    from test_training_run import make_hr_folder
+
+    hr = make_hr_folder(tmp_path / "hr")
+    base = instantiate(load_config("autoencoder/vq_f4_tiny"))  # plain VQ: no FA parts
+    torch.save(base.state_dict(), tmp_path / "base.pth")
+    logdir = tmp_path / "logs"
+    assert main(["--base", TINY_FA, "-l", str(logdir), f"data.train.params.folder={hr}",
+                 f"model.params.ckpt={tmp_path / 'base.pth'}", "lightning.trainer.max_steps=8",
+                 "lightning.checkpoint.every_n_train_steps=2"]) == 0  # fmt: skip
+    (run_dir,) = logdir.iterdir()
+    last = _ckpt(run_dir / "checkpoints" / "last.ckpt")
+    sd = last["state_dict"]
+    assert last["global_step"] == 8  # 4 batches x 2 optimizers
+    assert not any("lpips" in k or k.startswith("_lpips") for k in sd)
+    assert any(k.startswith("discriminator.main.") for k in sd)
+    for k, v in base.state_dict().items():  # the frozen base is untouched
+        assert torch.equal(sd["model." + k], v), k
+    first = _ckpt(next((run_dir / "checkpoints").glob("best-*.ckpt")))["state_dict"]
+    fa = [k for k in sd if k.startswith(("model.decoder.unet_1.", "model.decoder.fusion_layer_1."))]
+    assert fa and any(not torch.equal(sd[k], first[k]) for k in fa if k in first)
+    assert (run_dir / "images" / "train" / "step-000004.png").is_file()
+
+
+def test_no_trainable_match_is_an_error():
+    from ldm.config import ConfigError
+    from ldm.training.autoencoder_module import AutoencoderGANModule
+
+    with pytest.raises(ConfigError, match="no autoencoder parameter starts with"):
+        AutoencoderGANModule(
+            autoencoder=load_config("autoencoder/vq_f4_tiny"),
+            trainable=["decoder.unet_1."],
+            perceptual_weight=0.0,
+        )
