@@ -165,6 +165,17 @@ def test_niqe_offline_equals_calibration(wdir):
     assert torch.allclose(vals, torch.tensor([CALIB_NIQE[i] for i in idx]), atol=2e-3), vals
 
 
+def test_no_reference_metric_over_a_folder(wdir, tmp_path):
+    if W._package_file("basicsr", "metrics", "niqe_pris_params.npz") is None:
+        pytest.skip("basicsr is not installed")
+    _calib(NAMES[:1])
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "I04.bmp").write_bytes((CALIB / "dist_dir" / "I04.bmp").read_bytes())
+    rep = evaluate(tmp_path / "imgs", None, ["niqe"], weights_dir=wdir)
+    assert [r["image"] for r in rep.rows] == ["I04.bmp"] and rep.directions == {"niqe": "lower"}
+    assert rep.summary["niqe"] == pytest.approx(CALIB_NIQE[1], abs=2e-3)
+
+
 # ---------------------------------------------------------------- missing weights: early, clear
 def test_missing_lpips_weights_message(tmp_path):
     with pytest.raises(MissingMetricWeights) as err:

