@@ -5,7 +5,8 @@ One import per line; add yours when you register a new target.
 
 # ruff: noqa: F401
 import ldm.autoencoders.autoencoder
+import ldm.autoencoders.official
 import ldm.data.datasets
 import ldm.data.degradations
-import ldm.unet
 import ldm.training.timestep_sampler
+import ldm.unet

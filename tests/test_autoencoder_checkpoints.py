@@ -187,3 +187,43 @@ def test_pickled_object_is_refused_without_unpickling(tmp_path):
     with pytest.raises(CheckpointError) as err:
         read_state_dict(path)
     _one_line(err.value)
+
+
+#: ``model.params`` of latent-diffusion's models/first_stage_models/vq-f4/config.yaml
+LDM_VQ_F4_PARAMS = {
+    "embed_dim": 3,
+    "n_embed": 8192,
+    "monitor": "val/rec_loss",
+    "ddconfig": {
+        "double_z": False,
+        "z_channels": 3,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
+    "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"},
+}
+
+
+def test_official_ldm_arguments_build_the_preset(manifests_dir):
+    from ldm.official import config_from_official
+
+    cfg = config_from_official("VQModel", LDM_VQ_F4_PARAMS)
+    preset = dict(load_config("autoencoder/vq_f4"))
+    assert cfg["target"] == preset["target"] == "vq_model"
+    with torch.device("meta"):
+        sd = instantiate(cfg).state_dict()
+    ref = _manifest(manifests_dir, "ldm_vqf4.json")
+    assert {k: list(v.shape) for k, v in sd.items()} == {k: s for k, (s, _) in ref.items()}
+    with pytest.raises(ValueError, match="remap"):
+        config_from_official("VQModel", {**LDM_VQ_F4_PARAMS, "remap": "codes.npy"})
+    bad = {**LDM_VQ_F4_PARAMS, "ddconfig": {**LDM_VQ_F4_PARAMS["ddconfig"], "tanh_out": True}}
+    with pytest.raises(ValueError, match="tanh_out"):
+        config_from_official("VQModel", bad)
+    kl = config_from_official("AutoencoderKL", {"embed_dim": 4, "ddconfig": {"z_channels": 4}})
+    assert kl == {"target": "kl_model", "params": {"embed_dim": 4, "ddconfig": {"z_channels": 4}}}
