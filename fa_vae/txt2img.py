@@ -76,6 +76,11 @@ def load_sd_pipeline(
     local = Path(name).expanduser()
     if not local.exists() and _looks_like_path(name):
         raise PipelineLoadError(f"{name}: no such folder (expected a diffusers pipeline folder)")
+    if local.is_file():
+        raise PipelineLoadError(
+            f"{local} is a file; pass a diffusers pipeline folder (convert a single-file SD "
+            "checkpoint once with StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR))"
+        )
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise PipelineLoadError(
             f"{local} is not a diffusers pipeline folder (no model_index.json); pass the folder "

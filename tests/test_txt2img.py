@@ -337,3 +337,39 @@ def test_cli_decode_errors(saved_models, tmp_path, capsys):
     argv = [str(tmp_path / "a.pt"), "--ckpt", str(tmp_path / "plain.safetensors")]
     assert txt2img_decode.main(argv) == 2
     assert "kl_model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float16_paths(saved_models, tmp_path):
+    """GPU check: both CLIs and the swapped pipeline in float16 on CUDA."""
+    from fa_vae.diffusers_swap import swap_vae_decoder
+
+    root, _, fa = saved_models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n", encoding="utf-8")
+    latents, out = tmp_path / "latents", tmp_path / "images"
+    argv = [
+        *("--model", str(root / "pipe"), "--prompts", str(prompts), "-o", str(latents)),
+        *("--seeds", "1", "--steps", "2", "--device", "cuda", "--dtype", "float16", "--quiet"),
+    ]
+    assert txt2img_latents.main(argv) == 0
+    z = read_latent(latents / "00000_s1.safetensors")
+    assert z.shape == LATENT and torch.isfinite(z).all()
+    argv = [
+        str(latents),
+        *("--ckpt", str(root / "fa_vae_kl_f8_tiny.safetensors"), "-o", str(out)),
+        *("--compare-sd-vae", str(root / "pipe"), "--device", "cuda", "--dtype", "float16"),
+        "--quiet",
+    ]
+    assert txt2img_decode.main(argv) == 0
+    img = read_image(out / "fa_vae" / "00000_s1.png")
+    assert (img - decode_latents(fa, z)[0]).abs().max() < 0.05  # fp16 GPU vs fp32 CPU
+
+    pipe = tiny_pipe().to("cuda", torch.float16)
+    fa16, _ = tiny_fa_vae()
+    swap_vae_decoder(pipe, fa16)
+    kwargs = {"prompt": ["a boat"], "num_inference_steps": 2, "guidance_scale": 3.0}
+    gen = [torch.Generator("cuda").manual_seed(5)]
+    got = pipe(**kwargs, generator=gen, output_type="pt").images
+    z16 = generate_latents(pipe, ["a boat"], [5], steps=2, guidance=3.0)[0]
+    torch.testing.assert_close(got.float(), decode_latents(fa16, z16), rtol=0, atol=1e-2)
