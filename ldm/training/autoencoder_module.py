@@ -184,12 +184,17 @@ class AutoencoderGANModule(L.LightningModule):
         """``(x_rec, codebook_loss)`` for the batch's latent (or the HR encoding)."""
         hp = self.hparams
         hr = batch[hp.hr_key].float()
-        with torch.no_grad():
+        # The HR encoding keeps its graph when the encoder trains (from-scratch training).
+        encoder_trains = any(
+            n.startswith(("encoder.", "quant_conv.")) for n in self.trainable_names
+        )
+        with torch.set_grad_enabled(encoder_trains and torch.is_grad_enabled()):
             if hp.latent_key in batch:
                 z = batch[hp.latent_key].float() / float(getattr(self.model, "scale_factor", 1.0))
             else:
                 enc = self.model.encode(hr)
                 z = enc.sample() if hasattr(enc, "sample") else enc
+        with torch.no_grad():
             skips = None
             if hp.use_lr_features:
                 if hp.lr_key not in batch:
