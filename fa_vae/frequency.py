@@ -170,9 +170,9 @@ class ConvBNAct(nn.Module):
         # fresh conv output (the full-resolution blocks are 4x wider than the decoder).
         norm = self.block.norm
         x = self.block.conv(x)
-        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-        shift = norm.bias - norm.running_mean * scale
-        x.mul_(scale[:, None, None]).add_(shift[:, None, None])
+        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
+        shift = norm.bias.float() - norm.running_mean.float() * scale
+        x.mul_(scale.to(x.dtype)[:, None, None]).add_(shift.to(x.dtype)[:, None, None])
         if self.negative_slope is not None:
             F.leaky_relu(x, self.negative_slope, inplace=True)
         return x
