@@ -66,9 +66,7 @@ def convert_ddconfig(ddconfig: Mapping[str, Any], cls: str) -> dict[str, Any]:
             if value != DDCONFIG_FIXED[key]:
                 raise ValueError(f"{cls}: ddconfig {key}={value!r} is not supported")
         else:
-            raise ValueError(
-                f"{cls}: unknown ddconfig key {key!r}; known: {sorted(DDCONFIG_KEYS)}"
-            )
+            raise ValueError(f"{cls}: unknown ddconfig key {key!r}; known: {sorted(DDCONFIG_KEYS)}")
     return ours
 
 
