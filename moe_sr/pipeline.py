@@ -84,6 +84,8 @@ class ExpertResidency:
         home = self.offload_device if offload else device
         for u in self.unets:
             u.to(device=home, dtype=dtype).eval().requires_grad_(False)
+        #: the most expert weight bytes that were on the device at once
+        self.peak_resident_bytes = self.resident_bytes()
 
     def on_switch(self, prev: int | None, new: int) -> None:
         if not self.offload or new == self.active:
@@ -96,6 +98,7 @@ class ExpertResidency:
             torch.cuda.synchronize(self.device)
         self.active = new
         self.switches += 1
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes())
         self.switch_seconds += time.perf_counter() - start
 
     def resident_bytes(self) -> int:
@@ -104,8 +107,16 @@ class ExpertResidency:
             p.numel() * p.element_size()
             for u in self.unets
             for p in u.parameters()
-            if p.device == self.device
+            if _same_device(p.device, self.device)
         )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    return (a.index or 0) == (b.index if b.index is not None else torch.cuda.current_device())
 
 
 class _ExpertDenoiser:
@@ -156,6 +167,8 @@ class MoESRPipeline:
         ffn_moe_routing: ``"random"`` (released; seeded per image) or ``"average"``.
         steps, eta, seed, color_fix: sampler and post-processing defaults (released values).
         tiling: a :class:`~moe_sr.tiling.TilingConfig` (default: automatic above 128 latent px).
+        cache_ffn_moe: keep the stacked FFN-MoE expert weights between UNet calls (faster, more
+            memory); default: on when offloading, off otherwise.
     """
 
     def __init__(
@@ -175,6 +188,7 @@ class MoESRPipeline:
         seed: int = 42,
         color_fix: str = "adain",
         tiling: TilingConfig | None = None,
+        cache_ffn_moe: bool | None = None,
     ) -> None:
         if len(unets) != stages.num_stages:
             raise ValueError(f"{len(unets)} expert UNets for {stages.num_stages} stages")
@@ -205,6 +219,12 @@ class MoESRPipeline:
         self.set_color_fix(color_fix)
         self.set_ffn_moe_routing(ffn_moe_routing)
         self.tiling = tiling or TilingConfig()
+        # Stacked FFN-MoE expert weights: kept between calls they save a copy per UNet call but
+        # cost ~74% of an expert's size. Default: only with offloading (one expert resident).
+        cache = offload if cache_ffn_moe is None else cache_ffn_moe
+        for u in self.unets:
+            if hasattr(u, "cache_ffn_moe_weights") and u.ffn_moe_layers():
+                u.cache_ffn_moe_weights(cache)
         #: the resolved pipeline config when built by ``moe_sr.build`` (for export)
         self.config: dict[str, Any] | None = None
 

@@ -1,0 +1,205 @@
+"""Benchmark of the 8x SR pipeline at full size with random weights (not a test).
+
+Four full-size SS-MoE experts (``unet/sr8x_expert``, 428.5 M parameters each) and the FA-VAE
+VQ-f4 (``fa_vae/vq_f4_fa``), one 64x64 LR image -> 512x512 output, a few DDIM steps. Each memory
+policy runs in its own subprocess, so peak memory is measured cleanly:
+
+* ``resident``: all four experts on the device;
+* ``offload``: only the active expert on the device, the others on the CPU (3 switches/image).
+
+Reports time per DDIM step, FA-VAE decode time, the expert-switch cost, peak memory (CUDA:
+``max_memory_allocated``; CPU: peak RSS) and the resident weight bytes against the release's
+~14.6 GB (four 3.65 GB stage files, each holding raw + EMA UNets and an unused first stage).
+
+    python benchmarks/bench_sr.py                       # CPU, 4 steps (slow: minutes)
+    python benchmarks/bench_sr.py --device cuda --steps 200 --dtype fp16 --vae-fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+RELEASE_BYTES = 4 * 3_650_066_050  # four moe_stage{k}.ckpt files, loaded fully by the release
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def run_policy(args: argparse.Namespace) -> dict:
+    """Build the full-size pipeline, super-resolve one image, return the measurements."""
+    import fa_vae.targets  # noqa: F401
+    import ldm.targets  # noqa: F401  (register targets also without `pip install -e .`)
+    from ldm.config import instantiate, load_config
+    from moe_sr.build import build_schedule
+    from moe_sr.pipeline import MoESRPipeline
+    from moe_sr.stages import StageSchedule
+    from moe_sr.tiling import TilingConfig
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = load_config("moe_sr/sr8x")
+    t0 = time.perf_counter()
+    first = instantiate(cfg.unet).eval()  # random init once; the other experts are copies
+    unets = [first] + [copy.deepcopy(first) for _ in range(3)]
+    vae = instantiate(cfg.vae).eval()
+    build_s = time.perf_counter() - t0
+    pipe = MoESRPipeline(
+        unets,
+        StageSchedule(list(cfg.stages)),
+        build_schedule(cfg.schedule),
+        vae,
+        device=device,
+        dtype=DTYPES[args.dtype],
+        vae_dtype=torch.float32 if args.vae_fp32 else None,
+        offload=args.policy == "offload",
+        ffn_moe_routing=args.routing,
+        steps=args.steps,
+        tiling=TilingConfig(mode="off"),
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    lr = torch.rand(3, args.lr_size, args.lr_size)
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(*_: object) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    resident_before = pipe.resident_weight_bytes()
+    _reset_peak_rss()  # measure the SR call, not the model construction
+    t0 = time.perf_counter()
+    last[0] = t0
+    result = pipe(lr, callback=on_step)
+    total = time.perf_counter() - t0
+    res = pipe.residency
+    sample_s = result.timings["sample"]
+    out = {
+        "policy": args.policy,
+        "device": str(device),
+        "dtype": args.dtype,
+        "vae_dtype": str(pipe.vae_dtype).replace("torch.", ""),
+        "steps": args.steps,
+        "output": list(result.image.shape),
+        "build_s": build_s,
+        "total_s": total,
+        "sample_s": sample_s,
+        "decode_s": result.timings["decode"],
+        "step_s_mean": sum(step_times) / len(step_times),
+        "step_s_median": sorted(step_times)[len(step_times) // 2],
+        "switches": res.switches,
+        "switch_s_total": res.switch_seconds,
+        "switch_share": res.switch_seconds / sample_s if sample_s else 0.0,
+        "expert_bytes_resident_max": res.peak_resident_bytes,
+        "vae_bytes": resident_before["vae"],
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "peak_rss_bytes": _peak_rss(),
+    }
+    return out
+
+
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e9:.2f} GB"
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"8x SR, full-size random weights, LR {args.lr_size}x{args.lr_size} -> "
+        f"{8 * args.lr_size}x{8 * args.lr_size}, {args.steps} DDIM steps, UNet {args.dtype}, "
+        f"FFN-MoE routing {args.routing}; {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+        "",
+        "| policy | s/step (mean) | s/step (median) | sampling s | FA-VAE decode s | switches |"
+        " switch s (total) | switch / sampling | peak device mem | peak RSS (SR call) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['step_s_mean']:.3f} | {r['step_s_median']:.3f} | "
+            f"{r['sample_s']:.1f} | {r['decode_s']:.1f} | {r['switches']} | "
+            f"{r['switch_s_total']:.3f} | {100 * r['switch_share']:.2f} % | "
+            f"{_gb(r['peak_cuda_bytes'])} | {_gb(r['peak_rss_bytes'])} |"
+        )
+    lines += [
+        "",
+        "| weights resident on the device | bytes | vs release (14.6 GB fp32) |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        total = r["expert_bytes_resident_max"] + r["vae_bytes"]
+        lines.append(
+            f"| {r['policy']}: experts {_gb(r['expert_bytes_resident_max'])} + FA-VAE "
+            f"{_gb(r['vae_bytes'])} ({r['dtype']}/{r['vae_dtype']}) | {_gb(total)} | "
+            f"{100 * total / RELEASE_BYTES:.0f} % |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps (4 touches every expert)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--vae-fp32", action="store_true", help="keep the FA-VAE in float32")
+    p.add_argument("--lr-size", type=int, default=64, help="LR side (output is 8x)")
+    p.add_argument("--routing", choices=["random", "average"], default="random")
+    p.add_argument("--policies", nargs="+", default=["resident", "offload"])
+    p.add_argument("--policy", help=argparse.SUPPRESS)  # internal: run one policy, print JSON
+    p.add_argument("--json", help="also write the measurements to this JSON file")
+    args = p.parse_args(argv)
+    if args.policy:
+        print(json.dumps(run_policy(args)))
+        return 0
+    rows = []
+    for policy in args.policies:
+        cmd = [sys.executable, __file__, "--policy", policy, "--device", args.device,
+               "--steps", str(args.steps), "--dtype", args.dtype, "--lr-size", str(args.lr_size),
+               "--routing", args.routing] + (["--vae-fp32"] if args.vae_fp32 else [])  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if res.returncode != 0:
+            sys.stderr.write(res.stderr[-4000:])
+            return 1
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    text = report(rows, args)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "table": text}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
