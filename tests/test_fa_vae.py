@@ -298,3 +298,58 @@ def test_inference_fast_path_matches_autograd_path():
     torch.testing.assert_close(out.detach(), fast, atol=1e-5, rtol=1e-5)
     out.square().mean().backward()
     assert all(p.grad is not None for p in model.frequency_parameters())
+
+
+def test_vq_checker_handles_other_layouts(tmp_path):
+    """The fixture checker is not tied to the small fixture's layout: a fixture set written
+    in the same format for a 4-level model with 2 RRDBs per fuse layer (two fuse layers,
+    two official encoder features) passes, and a wrong golden fails."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fixture_checkers import fa_vae_vqf4
+
+    ddconfig = {
+        "double_z": False, "z_channels": 3, "resolution": 64, "in_channels": 3, "out_ch": 3,
+        "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+        "dropout": 0.0, "num_fuse_block": 2,
+    }  # fmt: skip
+    params = {"ddconfig": ddconfig, "n_embed": 16, "embed_dim": 3}
+    model = instantiate(config_from_official("VQModelResiUnet", params))
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    latent = torch.randn(1, 3, 4, 4, generator=g)
+    c = torch.randn(1, 32, 8, 8, generator=g)
+    with torch.no_grad():
+        h, feats = model.encode(image, return_features=True)
+        z_q, loss, idx = model.quantize(latent)
+        io = {
+            "image": image, "latent": latent, "h_prequant": h,
+            "enc_fea_0": feats[1], "enc_fea_1": feats[2],
+            "latent_quantized": z_q, "quant_indices": idx.reshape(1, 4, 4), "emb_loss": loss.reshape(1),
+            "decoded": model.decode(latent, skips=feats),
+            "decoded_noquant": model.decode(latent, skips=feats, quantize=False),
+            "comp_afno_in": c, "comp_afno_out": model.decoder.unet_1.conv1.filter(c),
+            "comp_unet1_in": c, "comp_unet1_out": model.decoder.unet_1(c),
+            "comp_fusion_enc": c, "comp_fusion_dec": -c,
+            "comp_fusion_out": model.decoder.fusion_layer_1(c, -c, 1.0),
+        }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps({"cls": "VQModelResiUnet", "params": params}))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors"
+    )
+    save_file({k: v.clone() for k, v in io.items()}, tmp_path / "io.safetensors")
+    fa_vae_vqf4.check(tmp_path)
+
+    io["decoded"] = io["decoded"] + 1e-3
+    save_file({k: v.clone() for k, v in io.items()}, tmp_path / "io.safetensors")
+    with pytest.raises(AssertionError, match="decoded"):
+        fa_vae_vqf4.check(tmp_path)
+    io["unexpected"] = c
+    io["decoded"] = io["decoded"] - 1e-3
+    save_file({k: v.clone() for k, v in io.items()}, tmp_path / "io.safetensors")
+    with pytest.raises(AssertionError, match="without a check"):
+        fa_vae_vqf4.check(tmp_path)
