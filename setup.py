@@ -46,7 +46,15 @@ setup(
             "moe_sr = moe_sr.targets",
         ],
         "console_scripts": [
+            "moe-sr = moe_sr.cli.sr:main",
+            "moe-sr-train = ldm.cli.train:main",
+            "moe-sr-export-expert = moe_sr.cli.export_expert:main",
             "moe-sr-reconstruct = ldm.cli.reconstruct:main",
+            "moe-sr-eval-reconstruction = ldm.cli.eval_reconstruction:main",
+            "moe-sr-eval-sr = ldm.cli.eval_sr:main",
+            "moe-sr-compare = ldm.cli.compare:main",
+            "moe-sr-txt2img-latents = fa_vae.cli.txt2img_latents:main",
+            "moe-sr-txt2img-decode = fa_vae.cli.txt2img_decode:main",
         ],
     },
 )
