@@ -61,9 +61,12 @@ class SRResult:
 class ExpertResidency:
     """Where the experts live: all on ``device``, or (offload) only the active one.
 
-    With ``offload=True`` the experts wait on ``offload_device`` and :meth:`on_switch` (the
-    router's hook) moves the next expert in and the previous one out: 3 switches per image for
-    four stages, plus one when the next image starts again at the last stage.
+    With ``offload=True`` every expert's weights stay in a "home" copy on ``offload_device``
+    (pinned CPU memory when the device is a GPU, so copies are fast and asynchronous), and
+    :meth:`on_switch` (the router's hook) copies the next expert to the device and points the
+    previous one back at its home copy; inference never changes weights, so nothing is copied
+    back. 3 switches per image for four stages, plus one when the next image starts again at
+    the last stage.
     """
 
     def __init__(
@@ -76,14 +79,21 @@ class ExpertResidency:
         offload_device: str | torch.device = "cpu",
     ) -> None:
         self.unets = list(unets)
-        self.device, self.dtype, self.offload = device, dtype, offload
+        self.device, self.dtype = device, dtype
         self.offload_device = torch.device(offload_device)
+        self.offload = offload  # (on a CPU-only run the "moves" are no-ops, the path is the same)
         self.active: int | None = None
         self.switches = 0
         self.switch_seconds = 0.0
-        home = self.offload_device if offload else device
+        home = self.offload_device if self.offload else device
+        pin = self.offload and device.type == "cuda" and self.offload_device.type == "cpu"
         for u in self.unets:
             u.to(device=home, dtype=dtype).eval().requires_grad_(False)
+            if pin:
+                for t in _tensors(u):
+                    t.data = t.data.pin_memory()
+        #: home copies: ``self._home[k][i]`` is the i-th tensor of expert k on offload_device
+        self._home = [[t.data for t in _tensors(u)] for u in self.unets] if self.offload else []
         #: the most expert weight bytes that were on the device at once
         self.peak_resident_bytes = self.resident_bytes()
 
@@ -92,14 +102,23 @@ class ExpertResidency:
             return
         start = time.perf_counter()
         if self.active is not None:
-            self.unets[self.active].to(self.offload_device)
-        self.unets[new].to(self.device)
+            self._evict(self.active)
+        for t, home in zip(_tensors(self.unets[new]), self._home[new]):
+            t.data = home.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.active = new
         self.switches += 1
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes())
         self.switch_seconds += time.perf_counter() - start
+
+    def _evict(self, k: int) -> None:
+        unet = self.unets[k]
+        for t, home in zip(_tensors(unet), self._home[k]):
+            t.data = home
+        if hasattr(unet, "ffn_moe_layers"):
+            for layer in unet.ffn_moe_layers():  # drop stacked weights held on the device
+                layer.clear_cache()
 
     def resident_bytes(self) -> int:
         """Bytes of expert weights currently on the compute device."""
@@ -111,12 +130,21 @@ class ExpertResidency:
         )
 
 
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers in a fixed order (what offloading moves)."""
+    return [*module.parameters(), *module.buffers()]
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
     if a.type != "cuda":
         return True
-    return (a.index or 0) == (b.index if b.index is not None else torch.cuda.current_device())
+
+    def index(d: torch.device) -> int:
+        return d.index if d.index is not None else torch.cuda.current_device()
+
+    return index(a) == index(b)
 
 
 class _ExpertDenoiser:

@@ -71,6 +71,24 @@ def test_ema_key_map_is_a_bijection_onto_the_manifest(manifests_dir):
     assert ema_keys - mapped == {"model_ema.decay", "model_ema.num_updates"}
 
 
+def test_sr8x_config_builds_the_released_unet_and_fa_vae(manifests_dir):
+    """configs/moe_sr/sr8x.yaml: the expert UNet has exactly the released keys and shapes, so
+    the EMA map covers every model_ema.* weight; the FA-VAE matches fa_vae.pth."""
+    from ldm.config import instantiate
+    from moe_sr.build import load_pipeline_config
+
+    cfg = load_pipeline_config("moe_sr/sr8x")
+    with torch.device("meta"):
+        unet = instantiate(cfg["unet"])
+        vae = instantiate(cfg["vae"])
+    shapes = manifest_unet_shapes(manifests_dir)
+    assert {k: list(v.shape) for k, v in unet.state_dict().items()} == shapes
+    vae_manifest = json.loads((manifests_dir / "fa_vae_vqf4.json").read_text())
+    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == {
+        k: s for k, (s, _) in vae_manifest.items()
+    }
+
+
 @pytest.mark.parametrize("weights", ["ema", "raw"])
 def test_load_released_tiny(tmp_path, weights):
     path, raw, ema, buffers = _tiny_release(tmp_path)

@@ -120,6 +120,29 @@ def test_offload_moves_experts_once_per_stage_and_changes_nothing(pipe):
     torch.testing.assert_close(out.image, ref, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_offload_keeps_one_expert_on_the_device():
+    """Only the active expert is on the GPU; the others point at their (pinned) home copies,
+    unchanged."""
+    from moe_sr.pipeline import ExpertResidency
+
+    unets = tiny_unets()
+    ref = [{k: v.clone() for k, v in u.state_dict().items()} for u in unets]
+    res = ExpertResidency(unets, torch.device("cuda"), torch.float32, offload=True)
+    assert res.resident_bytes() == 0
+    res.on_switch(None, 3)
+    res.on_switch(3, 2)
+    devices = [{p.device.type for p in u.parameters()} for u in unets]
+    assert devices == [{"cpu"}, {"cpu"}, {"cuda"}, {"cpu"}]
+    assert all(p.is_pinned() for p in unets[0].parameters())
+    one = sum(p.numel() * 4 for p in unets[2].parameters())
+    assert res.resident_bytes() == res.peak_resident_bytes == one
+    for k in (0, 1, 3):
+        for name, v in unets[k].state_dict().items():
+            assert torch.equal(v, ref[k][name]), name
+    assert res.switches == 2
+
+
 def test_bfloat16_unets_with_float32_vae(pipe):
     lr = torch.rand(3, 6, 6)
     ref = pipe(lr, steps=2).image
