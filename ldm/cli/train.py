@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="use base_learning_rate as it is (default: scale by accumulate*devices*nodes*batch)",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist config overrides")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="dotlist config overrides; key:=value replaces a whole section instead of merging",
+    )  # fmt: skip
     return p
 
 

@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+import random
+import time
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torchvision.utils import make_grid
+
+from ldm.registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +135,64 @@ class ReplicaDigest(L.Callback):
         }
         path = self.out_dir / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(info, indent=1))
+
+
+class ReseedPerRank(L.Callback):
+    """When training starts, seed torch / numpy / random from (global seed, rank, step).
+
+    ``seed_everything`` gives every DDP process the same seed, so all ranks would draw the same
+    noise and timesteps for their (different) images, and a resumed run would replay the noise
+    of its first steps. Mixing in the rank and the global step avoids both; the model's
+    initialisation (done before) is unaffected.
+    """
+
+    def on_train_start(self, trainer, pl_module):
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        seed = (base + 1_000_003 * trainer.global_rank + 7_919 * trainer.global_step) % 2**31
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+@register("step_timer")
+class StepTimer(L.Callback):
+    """Time training steps (median after ``warmup``) and the peak CUDA memory; log and save.
+
+    ``lightning.callbacks.timer={target: step_timer, params: {out: timing.json}}``.
+    """
+
+    def __init__(self, out: str | None = None, warmup: int = 5):
+        super().__init__()
+        self.out = out
+        self.warmup = int(warmup)
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+    def summary(self) -> dict:
+        t = sorted(self.times[self.warmup :])
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        return {
+            "steps": len(self.times),
+            "median_step_s": t[len(t) // 2] if t else None,
+            "peak_cuda_mem_gib": peak,
+        }
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module):
+        res = self.summary()
+        logger.info("step timing: %s", res)
+        if self.out:
+            Path(self.out).write_text(json.dumps(res, indent=1))

@@ -152,9 +152,11 @@ class LatentFolderDataset(Dataset):
     """Items of ``dataset`` plus ``latent``: ``<latent_dir>/<image stem>.safetensors`` (key
     ``latent``, ``[C, h, w]``), as ``moe-sr --save-latents`` writes them.
 
-    The FA-VAE recipe decodes latents that the diffusion model generated for each training image.
-    Build ``dataset`` over whole images (no random crop); ``crop_size`` (HR pixels) then takes one
-    random crop aligned across every tensor (each cropped at its own scale relative to ``hr``).
+    Two uses: the FA-VAE recipe decodes latents that the diffusion model generated for each
+    training image; diffusion training reads HR encodings cached by ``moe-sr-cache-latents``.
+    Build ``dataset`` over whole images (no random crop, no flip); ``crop_size`` (HR pixels) then
+    takes one random crop aligned across every tensor (each cropped at its own scale relative to
+    ``hr``) and ``flip`` a random horizontal flip of all of them.
     """
 
     def __init__(
@@ -162,10 +164,12 @@ class LatentFolderDataset(Dataset):
         dataset: Mapping[str, Any],
         latent_dir: str | os.PathLike,
         crop_size: int | None = None,
+        flip: bool = False,
         hr_key: str = "hr",
         seed: int | None = None,
     ):
         self.base = instantiate(dataset)
+        self.flip = flip
         self.latent_dir = Path(latent_dir)
         if not self.latent_dir.is_dir():
             raise ConfigError(f"latent_dir {self.latent_dir} does not exist")
@@ -201,17 +205,21 @@ class LatentFolderDataset(Dataset):
                 f"{item['path']} (expected an integer downsampling factor)"
             )
         item["latent"] = z
+        g = (
+            torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            if self.seed is not None
+            else None
+        )
+        if self.flip and bool(torch.rand((), generator=g) < 0.5):
+            for k, t in list(item.items()):
+                if torch.is_tensor(t) and t.ndim == 3:
+                    item[k] = t.flip(-1)
         if self.crop_size is None:
             return item
         H, W = hr.shape[-2:]
         cs = self.crop_size
         if cs > min(H, W):
             raise ValueError(f"crop_size {cs} is larger than the image {H}x{W} ({item['path']})")
-        g = (
-            torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            if self.seed is not None
-            else None
-        )
         step = max(int(hr.shape[-2] / t.shape[-2]) for t in item.values() if torch.is_tensor(t))
         top = int(torch.randint(0, (H - cs) // step + 1, (1,), generator=g)) * step
         left = int(torch.randint(0, (W - cs) // step + 1, (1,), generator=g)) * step

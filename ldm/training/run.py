@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ConfigError, dump, instantiate, load_config, save_resolved_config, to_plain
 
@@ -139,7 +139,12 @@ def expand_includes(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
 def compose_config(
     bases: Sequence[str], overrides: Sequence[str], paths: RunPaths | None = None
 ) -> DictConfig:
-    """Saved configs of a resumed run, then ``bases``, then the dotlist ``overrides``."""
+    """Saved configs of a resumed run, then ``bases``, then the dotlist ``overrides``.
+
+    ``key=value`` merges into the config (a mapping value merges key by key);
+    ``key:=value`` replaces the node at ``key`` as a whole (e.g. swap ``data.train`` for
+    another dataset without inheriting its parameters).
+    """
     files: list[str] = []
     if paths is not None and paths.resume_ckpt is not None and paths.cfg_dir.is_dir():
         files += [str(p) for p in sorted(paths.cfg_dir.glob("*.yaml"))]
@@ -147,7 +152,14 @@ def compose_config(
         files += expand_includes(b)
     if not files:
         raise ConfigError("no config given: pass --base configs/train/<name>.yaml")
-    cfg = load_config(*files, overrides=overrides)
+    merge = [o for o in overrides if ":=" not in o.split("=", 1)[0] + "="]
+    replace = [o for o in overrides if o not in merge]
+    cfg = load_config(*files, overrides=merge, resolve=False)
+    for o in replace:  # key:=value replaces the node instead of merging into it
+        key, value = o.split(":=", 1)
+        new = OmegaConf.from_dotlist([f"v={value}"])["v"]
+        OmegaConf.update(cfg, key.strip(), new, merge=False, force_add=True)
+    OmegaConf.resolve(cfg)
     cfg.pop("include", None)
     unknown = sorted(set(cfg) - KNOWN_SECTIONS)
     if unknown:
@@ -199,7 +211,12 @@ def _loggers(light: Mapping[str, Any], run_dir: Path) -> list:
 def _callbacks(light: Mapping[str, Any], paths: RunPaths, has_val: bool) -> list:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from ldm.training.callbacks import ImageLogger, ReplicaDigest, SaveLastOnTrainEnd
+    from ldm.training.callbacks import (
+        ImageLogger,
+        ReplicaDigest,
+        ReseedPerRank,
+        SaveLastOnTrainEnd,
+    )
 
     ck = dict(light.get("checkpoint") or {})
     monitor = ck.pop("monitor", None) or ("val/loss_ema" if has_val else "train/loss")
@@ -223,6 +240,7 @@ def _callbacks(light: Mapping[str, Any], paths: RunPaths, has_val: bool) -> list
         ),
         LearningRateMonitor(logging_interval="step"),
         SaveLastOnTrainEnd(paths.ckpt_dir),
+        ReseedPerRank(),
     ]
     img = light.get("image_logger", {"every_n_steps": 1000})
     if img:

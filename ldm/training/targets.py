@@ -6,6 +6,7 @@
 
 # ruff: noqa: F401
 import ldm.training.autoencoder_module
+import ldm.training.callbacks
 import ldm.training.data
 import ldm.training.diffusion_module
 import ldm.training.timestep_sampler
