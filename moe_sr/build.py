@@ -25,7 +25,6 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint import (
-    CheckpointError,
     load_pretrained,
     load_state_dict_strict,
     read_pretrained_config,
@@ -102,10 +101,11 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if path.suffix == ".safetensors":
         found = read_pretrained_config(path)
-        if found.get("target") != cfg.get("target"):
-            raise CheckpointError(
-                f"{path} holds a {found.get('target')!r} model, the config wants {cfg.get('target')!r}"
-            )
+        if found.get("target") != cfg.get("target"):  # the file's own config wins
+            logger.warning(
+                "%s holds a %r model (the config names %r); using the file's model",
+                path, found.get("target"), cfg.get("target"),
+            )  # fmt: skip
         return load_pretrained(path).eval()
     state_dict = read_state_dict(path)
     if "encoder.conv_in.weight" not in state_dict:  # a full LDM checkpoint: take the first stage
@@ -213,10 +213,13 @@ def find_folder_files(folder: str | os.PathLike) -> tuple[list[Path], Path]:
             f"{folder} holds no expert .safetensors with stage metadata (write them with "
             "moe_sr.build.export_pipeline or moe_sr.checkpoints.save_expert)"
         )
-    vaes = [p for p in others if "fa_vae" in str(read_pretrained_config(p).get("target", ""))]
+    # the autoencoder: the one other file of ours (an FA-VAE preferred over a plain VQ model)
+    targets = {p: str(read_pretrained_config(p).get("target", "")) for p in others}
+    vaes = [p for p in others if "fa_vae" in targets[p]] or others
     if len(vaes) != 1:
         raise FileNotFoundError(
-            f"{folder} must hold exactly one FA-VAE .safetensors, found {[p.name for p in vaes]}"
+            f"{folder} must hold exactly one autoencoder .safetensors (the FA-VAE) next to the "
+            f"experts, found {[p.name for p in vaes]}"
         )
     return experts, vaes[0]
 
