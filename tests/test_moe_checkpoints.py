@@ -310,3 +310,20 @@ def test_tiny_release_loads_without_reading_the_other_groups(tmp_path):
     )
     out = json.loads(_run(script, str(ckpt)).strip().splitlines()[-1])
     assert out["grew"] < 64e6, out
+
+
+def test_released_schedule_buffers_pass_the_check(reference_root):
+    """The 12 buffers the official model stores (schedule fixture) agree with the sr8x
+    schedule; a cosine schedule is caught."""
+    from safetensors.torch import load_file
+
+    from ldm.diffusion.schedule import NoiseSchedule
+    from moe_sr.build import build_schedule, load_pipeline_config
+    from moe_sr.checkpoints import SCHEDULE_BUFFER_NAMES, check_schedule_buffers
+
+    io = load_file(str(reference_root / "fixtures" / "schedule" / "io.safetensors"))
+    released = {n: io[n] for n in SCHEDULE_BUFFER_NAMES}
+    ours = build_schedule(load_pipeline_config("moe_sr/sr8x")["schedule"])
+    assert check_schedule_buffers(released, ours) == []
+    with pytest.raises(CheckpointMismatchError, match="betas"):
+        check_schedule_buffers(released, NoiseSchedule.cosine())
