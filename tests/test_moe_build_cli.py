@@ -125,6 +125,17 @@ def test_cli_errors_and_dry_run(tmp_path, capsys):
     assert "steps: 7" in text and "a.png -> " in text
 
 
+def test_cli_download_offline_says_where_to_get_the_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _write_inputs(tmp_path / "lr")
+    argv = ["-i", str(tmp_path / "lr"), "-o", str(tmp_path / "o"), "--download-to",
+            str(tmp_path / "models")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "huggingface.co/amandaa/moe_sr/resolve/main/Unet/moe_stage3.ckpt" in err
+    assert str(tmp_path / "models" / "first_stage_models" / "vq-f4" / "fa_vae.pth") in err
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--help"])

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         ".safetensors; ours are ordered by their metadata)",
     )
     w.add_argument("--weights-dir", help="folder of our .safetensors (experts + FA-VAE)")
+    w.add_argument(
+        "--download-to",
+        metavar="DIR",
+        help="use the released files under DIR, downloading the missing ones from the "
+        "Hugging Face Hub (amandaa/moe_sr, 4 x 3.65 GB + 289 MB)",
+    )
     w.add_argument("--vae-config", help="FA-VAE preset or YAML ({target, params}); default: config")
     w.add_argument("--vae-ckpt", help="FA-VAE weights (released fa_vae.pth or .safetensors)")
     w.add_argument(
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if errors else 0
     try:
         pipe = _build(args, cfg)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # incl. ReleaseDownloadError
         _err(f"moe-sr: cannot build the pipeline: {err}")
         return 2
     errors += _run(pipe, todo, args)
@@ -181,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
 def _build(args: argparse.Namespace, cfg: dict):
     from moe_sr.build import build_pipeline, find_folder_files
 
-    if args.weights_dir:
-        if args.ckpt:
-            raise ValueError("give either --ckpt or --weights-dir, not both")
+    if sum(map(bool, (args.ckpt, args.weights_dir, args.download_to))) > 1:
+        raise ValueError("give only one of --ckpt, --weights-dir and --download-to")
+    if args.download_to:
+        from moe_sr.hub import download_release
+
+        paths = download_release(args.download_to)
+        experts = [paths[f"stage{k}"] for k in range(4)]
+        vae = args.vae_ckpt or paths["fa_vae_vqf4"]
+    elif args.weights_dir:
         experts, vae = find_folder_files(args.weights_dir)
         vae = args.vae_ckpt or vae
     else:
@@ -191,8 +203,7 @@ def _build(args: argparse.Namespace, cfg: dict):
         if not experts or not vae:
             raise ValueError(
                 "give the expert checkpoints (--ckpt, one per stage) and --vae-ckpt, or "
-                "--weights-dir; download the released files with "
-                "`python -c 'from moe_sr.hub import download_release; download_release(\"models\")'`"
+                "--weights-dir, or --download-to DIR (the released files)"
             )
     dtype = DTYPES[args.dtype]
     return build_pipeline(
