@@ -63,10 +63,14 @@ class ExpertResidency:
 
     With ``offload=True`` every expert's weights stay in a "home" copy on ``offload_device``
     (pinned CPU memory when the device is a GPU, so copies are fast and asynchronous), and
-    :meth:`on_switch` (the router's hook) copies the next expert to the device and points the
+    :meth:`on_switch` (the router's hook) puts the next expert on the device and points the
     previous one back at its home copy; inference never changes weights, so nothing is copied
     back. 3 switches per image for four stages, plus one when the next image starts again at
     the last stage.
+
+    ``prefetch`` (default: on for CUDA) copies the expert of the next stage (DDIM runs from the
+    last stage down to stage 0) on a side stream while the current one computes, so a switch
+    costs almost nothing; at most two experts are then on the device.
     """
 
     def __init__(
@@ -77,11 +81,13 @@ class ExpertResidency:
         *,
         offload: bool = False,
         offload_device: str | torch.device = "cpu",
+        prefetch: bool | None = None,
     ) -> None:
         self.unets = list(unets)
         self.device, self.dtype = device, dtype
         self.offload_device = torch.device(offload_device)
         self.offload = offload  # (on a CPU-only run the "moves" are no-ops, the path is the same)
+        self.prefetch = offload and (device.type == "cuda" if prefetch is None else prefetch)
         self.active: int | None = None
         self.switches = 0
         self.switch_seconds = 0.0
@@ -94,8 +100,16 @@ class ExpertResidency:
                     t.data = t.data.pin_memory()
         #: home copies: ``self._home[k][i]`` is the i-th tensor of expert k on offload_device
         self._home = [[t.data for t in _tensors(u)] for u in self.unets] if self.offload else []
+        #: prefetched experts: ``k -> (tensors on the device, CUDA event or None)``
+        self._staged: dict[int, tuple[list[torch.Tensor], Any]] = {}
+        use_stream = self.prefetch and device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if use_stream else None
         #: the most expert weight bytes that were on the device at once
         self.peak_resident_bytes = self.resident_bytes()
+
+    def next_stage(self, k: int) -> int:
+        """The stage sampled after ``k`` (descending; after stage 0 the next image's last)."""
+        return k - 1 if k > 0 else len(self.unets) - 1
 
     def on_switch(self, prev: int | None, new: int) -> None:
         if not self.offload or new == self.active:
@@ -103,14 +117,37 @@ class ExpertResidency:
         start = time.perf_counter()
         if self.active is not None:
             self._evict(self.active)
-        for t, home in zip(_tensors(self.unets[new]), self._home[new]):
-            t.data = home.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        staged, event = self._staged.pop(new, None) or (self._copy_in(new, None), None)
+        if event is not None:  # the compute stream waits for the side-stream copy (GPU side)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for d in staged:
+                d.record_stream(current)
+        for t, d in zip(_tensors(self.unets[new]), staged):
+            t.data = d
         self.active = new
+        nxt = self.next_stage(new)
+        if self.prefetch and nxt != new and nxt not in self._staged:
+            self._staged[nxt] = self._prefetch(nxt)
         self.switches += 1
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes())
         self.switch_seconds += time.perf_counter() - start
+
+    def _copy_in(self, k: int, stream: Any) -> list[torch.Tensor]:
+        if stream is None:
+            return [h.to(self.device, non_blocking=True) for h in self._home[k]]
+        with torch.cuda.stream(stream):
+            return [h.to(self.device, non_blocking=True) for h in self._home[k]]
+
+    def _prefetch(self, k: int) -> tuple[list[torch.Tensor], Any]:
+        if self._stream is None:
+            return self._copy_in(k, None), None
+        # the copy must not start before the compute stream has released memory it reuses
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        data = self._copy_in(k, self._stream)
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return data, event
 
     def _evict(self, k: int) -> None:
         unet = self.unets[k]
@@ -121,12 +158,11 @@ class ExpertResidency:
                 layer.clear_cache()
 
     def resident_bytes(self) -> int:
-        """Bytes of expert weights currently on the compute device."""
+        """Bytes of expert weights currently on the compute device (prefetched ones included)."""
+        on_device = [p for u in self.unets for p in u.parameters()]
+        on_device += [d for data, _ in self._staged.values() for d in data]
         return sum(
-            p.numel() * p.element_size()
-            for u in self.unets
-            for p in u.parameters()
-            if _same_device(p.device, self.device)
+            t.numel() * t.element_size() for t in on_device if _same_device(t.device, self.device)
         )
 
 

@@ -120,23 +120,47 @@ def test_offload_moves_experts_once_per_stage_and_changes_nothing(pipe):
     torch.testing.assert_close(out.image, ref, rtol=0, atol=0)
 
 
+def test_offload_prefetches_the_next_stage():
+    from moe_sr.pipeline import ExpertResidency
+
+    res = ExpertResidency(tiny_unets(), torch.device("cpu"), torch.float32, offload=True,
+                          prefetch=True)  # fmt: skip
+    staged = []
+    for prev, new in [(None, 3), (3, 2), (2, 1), (1, 0), (0, 3)]:
+        res.on_switch(prev, new)
+        staged.append(sorted(res._staged))
+    assert staged == [[2], [1], [0], [3], [2]] and res.switches == 5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_offload_keeps_one_expert_on_the_device():
-    """Only the active expert is on the GPU; the others point at their (pinned) home copies,
-    unchanged."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_offload_keeps_one_expert_on_the_device(prefetch):
+    """Only the active expert (and with prefetch the next one) is on the GPU; the others point
+    at their pinned home copies, unchanged."""
     from moe_sr.pipeline import ExpertResidency
 
     unets = tiny_unets()
     ref = [{k: v.clone() for k, v in u.state_dict().items()} for u in unets]
-    res = ExpertResidency(unets, torch.device("cuda"), torch.float32, offload=True)
+    res = ExpertResidency(
+        unets, torch.device("cuda"), torch.float32, offload=True, prefetch=prefetch
+    )
     assert res.resident_bytes() == 0
     res.on_switch(None, 3)
     res.on_switch(3, 2)
+    torch.cuda.synchronize()
     devices = [{p.device.type for p in u.parameters()} for u in unets]
     assert devices == [{"cpu"}, {"cpu"}, {"cuda"}, {"cpu"}]
     assert all(p.is_pinned() for p in unets[0].parameters())
     one = sum(p.numel() * 4 for p in unets[2].parameters())
-    assert res.resident_bytes() == res.peak_resident_bytes == one
+    assert res.resident_bytes() == res.peak_resident_bytes == (2 if prefetch else 1) * one
+    x = torch.randn(1, 6, 16, 16, device="cuda")
+    t = torch.tensor([600], device="cuda")
+    with torch.no_grad():
+        got = unets[2](x, t).cpu()
+    unets[2].load_state_dict(ref[2])  # back to CPU values, compute there
+    with torch.no_grad():
+        want = unets[2].cpu()(x.cpu(), t.cpu())
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     for k in (0, 1, 3):
         for name, v in unets[k].state_dict().items():
             assert torch.equal(v, ref[k][name]), name
