@@ -101,9 +101,22 @@ def test_tiny_stage_training_and_export(tmp_path):
     obj = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert obj["hyper_parameters"]["timestep_sampler"]["params"]["stage"] == 1
     sd = obj["state_dict"]
-    # EWA ran (beta = 0.3 * step / 4 > 0 from the 2nd step): experts pulled together but distinct
+    # EWA ran after every optimizer step with the linear ramp 0.3 * step / 4 (steps 0, 1, 2)
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        betas = [float(r["train/ewa_beta"]) for r in csv.DictReader(f) if r.get("train/ewa_beta")]
+    assert betas == pytest.approx([0.0, 0.075, 0.15])
     w = [sd[f"model.diffusion_model.middle_block.2.moe_blocks.{k}.0.weight"] for k in range(4)]
-    assert not torch.equal(w[0], w[1])
+    assert not torch.equal(w[0], w[1])  # pulled together, still distinct
+    # our Lightning checkpoint has the released layout: the release loader reads it (EMA + schedule)
+    from ldm.diffusion.schedule import NoiseSchedule
+
+    released_way = _tiny_unet(4)
+    load_expert(ckpt, released_way, weights="ema", schedule=NoiseSchedule.linear())
+    torch.testing.assert_close(
+        released_way.state_dict()["out.2.weight"], sd["model_ema.diffusion_modelout2weight"]
+    )
 
     out = tmp_path / "experts" / "expert_stage1.safetensors"
     assert export_main([str(ckpt), str(out)]) == 0
