@@ -95,3 +95,18 @@ def test_no_trainable_match_is_an_error():
             trainable=["decoder.unet_1."],
             perceptual_weight=0.0,
         )
+
+
+def test_tiny_kl_fa_vae_training_runs(tmp_path):
+    from test_training_run import make_hr_folder
+
+    hr = make_hr_folder(tmp_path / "hr")
+    logdir = tmp_path / "logs"
+    cfg = str(CONFIG_ROOT / "train" / "fa_vae_kl_tiny.yaml")
+    assert main(["--base", cfg, "-l", str(logdir), f"data.train.params.folder={hr}",
+                 "model.params.perceptual_weight=0.0", "lightning.image_logger=null",
+                 "lightning.trainer.max_steps=4"]) == 0  # fmt: skip
+    (run_dir,) = logdir.iterdir()
+    sd = _ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert any(k.startswith("model.decoder.unet_1.") for k in sd)
+    assert not any(k.startswith("model.decoder.fusion_layer") for k in sd)

@@ -77,7 +77,17 @@ def test_cache_then_train_from_cache(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["sr8x_unet", "sr8x_stage", "tiny_sr", "tiny_stage", "fa_vae_vq_f4", "fa_vae_tiny"]
+    "name",
+    [
+        "sr8x_unet",
+        "sr8x_stage",
+        "tiny_sr",
+        "tiny_stage",
+        "fa_vae_vq_f4",
+        "fa_vae_tiny",
+        "fa_vae_kl_f8",
+        "fa_vae_kl_tiny",
+    ],  # fmt: skip
 )
 def test_train_configs_resolve_to_valid_parameters(name):
     import ldm.training.targets  # noqa: F401
