@@ -4,7 +4,7 @@
 #   bash scripts/train_moe.sh [-c CONFIG] [-o OUT_DIR] [-i prev|none|CKPT] [-k KEY_MAP] [-l LOGDIR] [-- key=value ...]
 #
 #   -c  stage config (default configs/train/sr8x_stage.yaml; its `stages` list sets the count)
-#   -o  where the experts go: OUT_DIR/expert_stage<k>.safetensors (default experts/)
+#   -o  where the experts go: OUT_DIR/expert_stage<k>.safetensors (default LOGDIR/experts)
 #   -i  initialisation: `prev` (default: stage k>0 starts from stage k-1's EMA weights),
 #       `none`, or a checkpoint every stage starts from (a shared base, or latent-diffusion's
 #       4x SR model.ckpt together with -k ldm_sr4x_to_expert)
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 CONFIG=configs/train/sr8x_stage.yaml
-OUT=experts
+OUT=
 INIT=prev
 KEYMAP=
 LOGDIR=logs
@@ -31,6 +31,7 @@ while getopts "c:o:i:k:l:h" opt; do
   esac
 done
 shift $((OPTIND - 1))
+OUT=${OUT:-$LOGDIR/experts}
 [ "${1:-}" = "--" ] && shift
 EXTRA=("$@")
 
