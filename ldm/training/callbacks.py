@@ -102,7 +102,7 @@ class SaveLastOnTrainEnd(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.interrupted:
             return
-        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
 
 
 def parameter_digest(module: torch.nn.Module) -> str:

@@ -237,6 +237,7 @@ def _callbacks(light: Mapping[str, Any], paths: RunPaths, has_val: bool) -> list
             save_last=True,
             every_n_train_steps=None if has_val else every,
             auto_insert_metric_name=False,
+            enable_version_counter=False,  # a resumed run overwrites last.ckpt, no last-v1
         ),
         LearningRateMonitor(logging_interval="step"),
         SaveLastOnTrainEnd(paths.ckpt_dir),
@@ -325,6 +326,7 @@ def run(
             module,
             datamodule=data,
             ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None,
+            weights_only=True,
         )
     finally:
         if old_env is None:
