@@ -77,6 +77,17 @@ def test_inputs_uint8_grayscale_and_bad_values(pipe):
         pipe(torch.rand(3, 8, 8), color_fix="sepia")
 
 
+def test_colour_fix_modes(pipe):
+    lr = torch.rand(3, 6, 7)
+    out = {m: pipe(lr, steps=1, color_fix=m).image for m in ("adain", "wavelet", "none")}
+    assert all(o.shape == (3, 48, 56) for o in out.values())
+    assert not torch.equal(out["adain"], out["none"])
+    assert not torch.equal(out["wavelet"], out["none"])
+    # AdaIN matches the channel means of the x2 condition (before clamping to [0, 1])
+    cond_mean = lr.mean((1, 2))
+    assert torch.allclose(out["adain"].mean((1, 2)), cond_mean, atol=0.08)
+
+
 def test_router_sends_each_step_to_its_expert(pipe):
     """8 DDIM steps: t = 876, 751 | 626, 501 | 376, 251 | 126, 1 -> two calls per expert."""
     calls = [0, 0, 0, 0]
