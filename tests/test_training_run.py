@@ -97,6 +97,10 @@ def test_tiny_train_then_resume(tmp_path):
     with open(run_dir / "csv" / "metrics.csv") as f:
         steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
     assert steps[-1] == 4 and 3 in steps  # logged steps go on past the first run's last
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        lrs = {float(r["lr-AdamW"]) for r in csv.DictReader(f) if r.get("lr-AdamW")}
+    # LDM scaling: 1 accumulation x 1 device x batch 2 x base rate 2.5e-5
+    assert lrs and all(v == pytest.approx(2 * 2.5e-5) for v in lrs)
 
 
 def test_resume_errors_are_clear(tmp_path, capsys):
