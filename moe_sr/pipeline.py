@@ -381,7 +381,13 @@ class MoESRPipeline:
         seed: int,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """DDIM from seeded noise ``x_T`` to the latent, conditioned on ``cond`` [1,3,H,W]."""
+        """DDIM from seeded noise ``x_T`` to the latent, conditioned on ``cond`` [1,3,H,W].
+
+        As in the release, ``x_T`` and the per-step noise come from a generator on the compute
+        device (on CUDA the same draws as the release's ``seed_everything(seed)``), and the
+        FFN-MoE permutations from a CPU generator with the same seed; so one seed gives
+        different samples on a CPU and on a GPU.
+        """
         self._seed_ffn_moe(seed)
         gen = torch.Generator(self.device).manual_seed(seed)
         shape = (cond.shape[0], self.latent_channels, *cond.shape[-2:])
