@@ -384,7 +384,7 @@ class MoESRPipeline:
         """DDIM from seeded noise ``x_T`` to the latent, conditioned on ``cond`` [1,3,H,W].
 
         As in the release, ``x_T`` and the per-step noise come from a generator on the compute
-        device (on CUDA the same draws as the release's ``seed_everything(seed)``), and the
+        device (on CUDA this mirrors the release's ``seed_everything(seed)``; unverified), and the
         FFN-MoE permutations from a CPU generator with the same seed; so one seed gives
         different samples on a CPU and on a GPU.
         """
