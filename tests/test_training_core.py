@@ -69,7 +69,9 @@ def test_ema_copy_store_restore():
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     with ema.average_parameters(model):
         # EMA holds the initial weights (no update yet); frozen bias untouched (+3 kept)
-        torch.testing.assert_close(model.diffusion_model[0].weight, before["diffusion_model.0.weight"])
+        torch.testing.assert_close(
+            model.diffusion_model[0].weight, before["diffusion_model.0.weight"]
+        )
         torch.testing.assert_close(model.diffusion_model[0].bias, trained["diffusion_model.0.bias"])
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, trained[k])
@@ -167,3 +169,14 @@ def test_ewa_ramp_and_optimizer_keeps_updating_experts():
 def test_ewa_without_moe_layers_is_an_error():
     with pytest.raises(ValueError, match="no FFN-MoE layer"):
         ExpertWeightAveraging()(nn.Linear(2, 2), 0)
+
+
+def test_image_logger_schedule(tmp_path):
+    from ldm.training.callbacks import ImageLogger
+
+    log = ImageLogger(tmp_path, every_n_steps=3, log_first_step=True)
+    assert log.should_log(1)  # first batch
+    log._last_logged = 1
+    assert [s for s in range(2, 10) if log.should_log(s)] == [3, 6, 9]
+    quiet = ImageLogger(tmp_path, every_n_steps=3)
+    assert not quiet.should_log(1) and quiet.should_log(3)

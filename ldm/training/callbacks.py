@@ -34,8 +34,8 @@ class ImageLogger(L.Callback):
 
     Calls ``pl_module.log_images(batch, n=max_images)`` (a dict of image batches in [-1, 1], in
     column order), writes ``<out_dir>/step-XXXXXX.png`` and, with a TensorBoard logger, adds the
-    grid there too. Rank zero only. ``log_first_step`` also logs at step 0 (catches broken
-    sampling early).
+    grid there too. Rank zero only. ``log_first_step`` also logs after the first batch of a
+    fit (catches broken sampling early).
     """
 
     def __init__(
@@ -57,11 +57,12 @@ class ImageLogger(L.Callback):
         self._last_logged = -1
 
     def should_log(self, step: int) -> bool:
+        """``step`` = optimizer steps done (Lightning's ``global_step`` after the batch)."""
         if step == self._last_logged:
             return False
-        if step == 0:
-            return self.log_first_step
-        return step % self.every_n_steps == 0
+        if self.log_first_step and self._last_logged < 0:
+            return True  # the first batch of this fit
+        return step > 0 and step % self.every_n_steps == 0
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
