@@ -49,6 +49,7 @@ setup(
             "moe-sr = moe_sr.cli.sr:main",
             "moe-sr-train = ldm.cli.train:main",
             "moe-sr-export-expert = moe_sr.cli.export_expert:main",
+            "moe-sr-cache-latents = ldm.cli.cache_latents:main",
             "moe-sr-reconstruct = ldm.cli.reconstruct:main",
             "moe-sr-eval-reconstruction = ldm.cli.eval_reconstruction:main",
             "moe-sr-eval-sr = ldm.cli.eval_sr:main",
