@@ -1,0 +1,346 @@
+"""The demo model's recipe: data from scikit-image's bundled photographs, exports, evaluation.
+
+``scripts/train_demo.sh`` runs these steps around ``scripts/train.py``:
+
+1. :func:`prepare_demo_data` writes the photographs that ship inside the scikit-image wheel
+   (no download) as HR PNGs (trimmed to a multiple of 8) and their MATLAB-bicubic x1/8 LR images:
+   ``<root>/train/{hr,lr}``, ``<root>/holdout/{hr,lr}`` (never trained on) and
+   ``<root>/fa_crops/{hr,lr}`` (fixed training crops on which the experts generate the latents
+   that the FA decoder is fine-tuned on). Deterministic: same files on every run.
+2. :func:`export_autoencoder` turns an ``autoencoder_gan`` training checkpoint into one of our
+   safetensors files (config in the metadata).
+3. :func:`evaluate_demo` super-resolves the held-out LR images and writes PSNR / SSIM of the demo
+   model, of bicubic upsampling and of the autoencoder's reconstruction (its ceiling) as markdown.
+
+:func:`make_examples` cuts the small LR / HR example pairs bundled in ``assets/examples``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SCALE = 8
+#: Training photographs: (file stem, skimage.data function, index into a tuple result).
+#: ``cat`` is the same photo as ``chelsea`` (held out), so it is used nowhere.
+TRAIN_IMAGES: tuple[tuple[str, str, int | None], ...] = (
+    ("astronaut", "astronaut", None),
+    ("immunohistochemistry", "immunohistochemistry", None),
+    ("hubble_deep_field", "hubble_deep_field", None),
+    ("retina", "retina", None),
+    ("colorwheel", "colorwheel", None),
+    ("logo", "logo", None),
+    ("motorcycle_left", "stereo_motorcycle", 0),
+    ("motorcycle_right", "stereo_motorcycle", 1),
+    ("camera", "camera", None),
+    ("brick", "brick", None),
+    ("grass", "grass", None),
+    ("gravel", "gravel", None),
+    ("moon", "moon", None),
+    ("text", "text", None),
+    ("clock", "clock", None),
+    ("coins", "coins", None),
+)
+#: Held-out photographs: evaluation and the bundled examples only.
+HOLDOUT_IMAGES: tuple[tuple[str, str, int | None], ...] = (
+    ("coffee", "coffee", None),
+    ("chelsea", "chelsea", None),
+    ("rocket", "rocket", None),
+)
+#: Bundled examples: (held-out stem, top, left) of a 256 x 256 HR crop (LR 32 x 32).
+EXAMPLE_CROPS: tuple[tuple[str, int, int], ...] = (
+    ("coffee", 72, 176),
+    ("chelsea", 24, 104),
+    ("rocket", 96, 256),
+)
+
+
+def skimage_photo(function: str, index: int | None = None) -> np.ndarray:
+    """An ``skimage.data`` image as RGB uint8 ``HWC`` (grey -> 3 channels, RGBA over white)."""
+    import skimage.data
+
+    img = getattr(skimage.data, function)()
+    if index is not None:
+        img = img[index]
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise ValueError(f"skimage.data.{function} is {img.dtype}, expected uint8")
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.shape[-1] == 4:  # composite over white (the logo's transparent background)
+        alpha = img[..., 3:].astype(np.float64) / 255.0
+        img = np.round(img[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def trim_to_multiple(img: np.ndarray, multiple: int = SCALE) -> np.ndarray:
+    """Centre-trim ``HWC`` so that H and W are multiples of ``multiple``."""
+    h, w = img.shape[:2]
+    nh, nw = (h // multiple) * multiple, (w // multiple) * multiple
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return img[top : top + nh, left : left + nw]
+
+
+def downscale(hr: np.ndarray, scale: int = SCALE) -> np.ndarray:
+    """MATLAB-bicubic ``1/scale`` of a uint8 ``HWC`` image (the training data's LR)."""
+    from ldm.data.resize import imresize
+
+    h, w = hr.shape[:2]
+    return imresize(hr, output_shape=(h // scale, w // scale))
+
+
+def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
+    """Halve ``img`` (MATLAB bicubic, antialiased) until its longer side is <= ``max_side``."""
+    from ldm.data.resize import imresize
+
+    while max(img.shape[:2]) > max_side:
+        img = imresize(img, output_shape=(img.shape[0] // 2, img.shape[1] // 2))
+    return img
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(img).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_pairs(folder: Path, images: Mapping[str, np.ndarray]) -> list[Path]:
+    out = []
+    for stem, hr in images.items():
+        hr = trim_to_multiple(hr)
+        _save_png(hr, folder / "hr" / f"{stem}.png")
+        _save_png(downscale(hr), folder / "lr" / f"{stem}.png")
+        out.append(folder / "hr" / f"{stem}.png")
+    return out
+
+
+def random_crops(
+    images: Mapping[str, np.ndarray], n: int, size: int, seed: int
+) -> dict[str, np.ndarray]:
+    """``n`` crops ``size x size`` (top/left multiples of 8) spread over ``images`` (seeded)."""
+    rng = np.random.default_rng(seed)
+    names = sorted(images)
+    out = {}
+    for i in range(n):
+        name = names[i % len(names)]
+        img = images[name]
+        h, w = img.shape[:2]
+        if h < size or w < size:
+            raise ValueError(f"{name} ({h}x{w}) is smaller than the crop size {size}")
+        top = int(rng.integers(0, (h - size) // SCALE + 1)) * SCALE
+        left = int(rng.integers(0, (w - size) // SCALE + 1)) * SCALE
+        out[f"{name}_{i:03d}"] = img[top : top + size, left : left + size]
+    return out
+
+
+def prepare_demo_data(
+    root: str | os.PathLike = "data/demo",
+    *,
+    fa_crops: int = 96,
+    fa_crop_size: int = 128,
+    seed: int = 0,
+    max_side: int = 800,
+    repeats: int = 16,
+) -> dict[str, list[Path]]:
+    """Write the demo data under ``root`` (see the module docstring); returns the HR paths.
+
+    Training photographs longer than ``max_side`` are halved (MATLAB bicubic) so that reading
+    them stays cheap; ``train/epoch.txt`` lists every training photograph ``repeats`` times (the
+    training configs read it). Files are rewritten on every call (the content is deterministic), so a partial earlier run
+    is repaired. The held-out photographs never enter ``train`` or ``fa_crops``.
+    """
+    root = Path(root)
+    train = {stem: _shrink(skimage_photo(fn, idx), max_side) for stem, fn, idx in TRAIN_IMAGES}
+    holdout = {stem: skimage_photo(fn, idx) for stem, fn, idx in HOLDOUT_IMAGES}
+    overlap = set(train) & set(holdout)
+    if overlap:  # a guard for edits of the tables above
+        raise ValueError(f"images both in training and held out: {sorted(overlap)}")
+    out = {
+        "train": _write_pairs(root / "train", train),
+        "holdout": _write_pairs(root / "holdout", holdout),
+        "fa_crops": _write_pairs(
+            root / "fa_crops", random_crops(train, fa_crops, fa_crop_size, seed)
+        ),
+    }
+    # One epoch = every training photograph `repeats` times (random crops differ each time):
+    # fewer epoch restarts for a dataset of 16 files.
+    lines = [p.name for p in out["train"]] * repeats
+    (root / "train" / "epoch.txt").write_text(
+        "# every training photograph, repeated (see moe_sr.demo_recipe.prepare_demo_data)\n"
+        + "".join(f"hr/{name}\n" for name in lines)
+    )
+    logger.info(
+        "demo data in %s: %d train, %d held-out, %d FA crops",
+        root, len(out["train"]), len(out["holdout"]), len(out["fa_crops"]),
+    )  # fmt: skip
+    return out
+
+
+def make_examples(
+    out_dir: str | os.PathLike = "assets/examples",
+    crops: Sequence[tuple[str, int, int]] = EXAMPLE_CROPS,
+    size: int = 256,
+) -> list[Path]:
+    """Held-out HR crops (``hr/<name>.png``) and their x1/8 LR images (``lr/<name>.png``)."""
+    out_dir = Path(out_dir)
+    photos = {stem: (fn, idx) for stem, fn, idx in HOLDOUT_IMAGES}
+    written = []
+    for stem, top, left in crops:
+        if stem not in photos:
+            raise ValueError(f"{stem} is not a held-out photograph ({sorted(photos)})")
+        hr = skimage_photo(*photos[stem])[top : top + size, left : left + size]
+        if hr.shape[:2] != (size, size):
+            raise ValueError(f"crop ({top}, {left}, {size}) does not fit {stem}")
+        _save_png(hr, out_dir / "hr" / f"{stem}.png")
+        _save_png(downscale(hr), out_dir / "lr" / f"{stem}.png")
+        written.append(out_dir / "lr" / f"{stem}.png")
+    return written
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def export_autoencoder(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """``autoencoder_gan`` Lightning checkpoint -> our safetensors (``model.*``, config inside)."""
+    from ldm.checkpoint import (
+        CheckpointError,
+        load_state_dict_strict,
+        save_pretrained,
+        select_prefix,
+    )
+    from ldm.config import instantiate, to_plain
+
+    try:
+        obj = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(
+            f"{ckpt} could not be loaded safely (weights_only=True): {str(err).splitlines()[0]}"
+        ) from None
+    hp = obj.get("hyper_parameters") or {}
+    if "autoencoder" not in hp or "state_dict" not in obj:
+        raise CheckpointError(
+            f"{ckpt} is not an autoencoder_gan training checkpoint (no hyper_parameters."
+            "autoencoder / state_dict); give <run>/checkpoints/last.ckpt of such a run"
+        )
+    config = to_plain(hp["autoencoder"])
+    model = instantiate(config)
+    load_state_dict_strict(model, select_prefix(obj["state_dict"], "model."), what=str(ckpt))
+    return save_pretrained(model.eval(), out, config)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _read_u8(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _chw01(img_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(img_u8)).permute(2, 0, 1).float() / 255.0
+
+
+def _psnr_ssim(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """PSNR / SSIM (RGB, no border crop) via ``ldm.evaluation`` (pyiqa); skimage fallback."""
+    pred = (pred.clamp(0, 1) * 255).round() / 255  # scores of the saved 8-bit images
+    try:
+        from ldm.evaluation import evaluate
+
+        report = evaluate(pred[None], ref[None], ["psnr", "ssim"])
+        return {"psnr": float(report.summary["psnr"]), "ssim": float(report.summary["ssim"])}
+    except ImportError:  # pyiqa missing: scikit-image's definitions
+        from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+        p = pred.permute(1, 2, 0).numpy()
+        r = ref.permute(1, 2, 0).numpy()
+        return {
+            "psnr": float(peak_signal_noise_ratio(r, p, data_range=1.0)),
+            "ssim": float(structural_similarity(r, p, data_range=1.0, channel_axis=-1)),
+        }
+
+
+@torch.no_grad()
+def evaluate_demo(
+    pipe: Any,
+    holdout_dir: str | os.PathLike = "data/demo/holdout",
+    out_dir: str | os.PathLike | None = None,
+    *,
+    steps: int | None = None,
+) -> tuple[list[dict[str, Any]], str]:
+    """Per-image PSNR / SSIM of the pipeline, bicubic and the FA-VAE reconstruction.
+
+    ``pipe`` is a built :class:`~moe_sr.pipeline.MoESRPipeline`. Returns ``(rows, markdown)``;
+    with ``out_dir`` the SR images are written there too.
+    """
+    from ldm.data.resize import imresize
+
+    holdout_dir = Path(holdout_dir)
+    hr_paths = sorted((holdout_dir / "hr").glob("*.png"))
+    if not hr_paths:
+        raise FileNotFoundError(f"no held-out images in {holdout_dir}/hr: run prepare-data")
+    rows = []
+    for hr_path in hr_paths:
+        hr_u8 = _read_u8(hr_path)
+        lr_u8 = _read_u8(holdout_dir / "lr" / hr_path.name)
+        hr = _chw01(hr_u8)
+        sr = pipe(lr_u8, steps=steps).image
+        bicubic = _chw01(imresize(lr_u8, output_shape=hr_u8.shape[:2]))
+        recon = _reconstruct(pipe.vae, hr, bicubic)  # bicubic x8 = the FA encoder's LR input
+        if out_dir is not None:
+            from ldm.data.image_io import write_image
+
+            write_image(sr, Path(out_dir) / hr_path.name)
+        row: dict[str, Any] = {"image": hr_path.stem, "size": f"{hr.shape[2]}x{hr.shape[1]}"}
+        for name, pred in (("demo", sr), ("bicubic", bicubic), ("recon", recon)):
+            for metric, value in _psnr_ssim(pred, hr).items():
+                row[f"{name}_{metric}"] = value
+        rows.append(row)
+        logger.info("%s: %s", hr_path.stem, row)
+    return rows, results_markdown(rows, steps=steps or pipe.steps)
+
+
+def _reconstruct(vae: torch.nn.Module, hr: torch.Tensor, lr_up8: torch.Tensor) -> torch.Tensor:
+    """FA-VAE reconstruction of ``hr`` with the LR features (the autoencoder's ceiling)."""
+    p = next(vae.parameters())
+    x = (hr[None] * 2 - 1).to(p.device, p.dtype)
+    lr = (lr_up8[None] * 2 - 1).to(p.device, p.dtype)
+    out = vae(x, lr_up=lr)
+    return ((out[0].float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def results_markdown(rows: Sequence[Mapping[str, Any]], *, steps: int) -> str:
+    """The ``assets/demo/RESULTS.md`` table (per image and mean)."""
+    cols = [
+        ("bicubic", "bicubic"),
+        ("demo", f"demo SS-MoE ({steps} DDIM steps)"),
+        ("recon", "FA-VAE reconstruction of HR"),
+    ]
+    head = "| image | size | " + " | ".join(f"{label} PSNR / SSIM" for _, label in cols) + " |"
+    lines = [head, "|" + "---|" * (2 + len(cols))]
+
+    def cell(r: Mapping[str, Any], k: str) -> str:
+        return f"{r[f'{k}_psnr']:.2f} / {r[f'{k}_ssim']:.4f}"
+
+    for r in rows:
+        lines.append(f"| {r['image']} | {r['size']} | " + " | ".join(cell(r, k) for k, _ in cols))
+    if rows:
+        mean = {
+            f"{k}_{m}": float(np.mean([r[f"{k}_{m}"] for r in rows]))
+            for k, _ in cols
+            for m in ("psnr", "ssim")
+        }
+        lines.append("| **mean** | | " + " | ".join(cell(mean, k) for k, _ in cols))
+    lines = [line if line.endswith("|") else line + " |" for line in lines]
+    return "\n".join(lines) + "\n"

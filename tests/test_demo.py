@@ -1,0 +1,224 @@
+"""The demo: data preparation, exports, evaluation, the demo CLI (tiny random weights) and the
+committed demo weights (assets/demo, skipped only while they are not committed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from ldm.config import CONFIG_ROOT, instantiate, load_config, to_plain
+from ldm.data.resize import imresize
+from moe_sr import demo_recipe
+from moe_sr.checkpoints import save_expert
+from moe_sr.cli.demo import main as demo_main
+
+REPO = CONFIG_ROOT.parent
+DEMO_WEIGHTS = REPO / "assets" / "demo"
+EXAMPLES = REPO / "assets" / "examples"
+TINY_UNET = "unet/sr8x_expert_tiny"
+TINY_VAE = "fa_vae/vq_f4_fa_tiny"
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_recipe_tables_hold_out_coffee_chelsea_rocket_and_never_use_cat():
+    train_fns = {fn for _, fn, _ in demo_recipe.TRAIN_IMAGES}
+    held = {fn for _, fn, _ in demo_recipe.HOLDOUT_IMAGES}
+    assert held == {"coffee", "chelsea", "rocket"}
+    assert not train_fns & held
+    assert "cat" not in train_fns  # skimage's cat is the chelsea photograph
+    assert {stem for stem, _, _ in demo_recipe.EXAMPLE_CROPS} <= held
+
+
+def test_prepare_demo_data_small(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        demo_recipe, "TRAIN_IMAGES", (("coins", "coins", None), ("logo", "logo", None))
+    )
+    monkeypatch.setattr(demo_recipe, "HOLDOUT_IMAGES", (("chelsea", "chelsea", None),))
+    out = demo_recipe.prepare_demo_data(tmp_path / "a", fa_crops=3, fa_crop_size=64, repeats=2)
+    assert [p.name for p in out["train"]] == ["coins.png", "logo.png"]
+    assert [p.name for p in out["holdout"]] == ["chelsea.png"]
+    assert len(out["fa_crops"]) == 3
+    for group in ("train", "holdout", "fa_crops"):
+        for hr_path in out[group]:
+            hr = _png(hr_path)
+            lr = _png(hr_path.parent.parent / "lr" / hr_path.name)
+            assert hr.shape[0] % 8 == 0 and hr.shape[1] % 8 == 0
+            assert lr.shape == (hr.shape[0] // 8, hr.shape[1] // 8, 3)
+            np.testing.assert_array_equal(lr, imresize(hr, output_shape=lr.shape[:2]))
+    chelsea = _png(tmp_path / "a" / "holdout" / "hr" / "chelsea.png")
+    assert chelsea.shape == (296, 448, 3)  # 300 x 451 centre-trimmed to multiples of 8
+    logo = _png(tmp_path / "a" / "train" / "hr" / "logo.png")
+    assert (logo[0, 0] == 255).all()  # transparent corner composited over white
+    lines = (tmp_path / "a" / "train" / "epoch.txt").read_text().splitlines()
+    assert [x for x in lines if not x.startswith("#")] == ["hr/coins.png", "hr/logo.png"] * 2
+    # deterministic: a second run writes the same bytes
+    demo_recipe.prepare_demo_data(tmp_path / "b", fa_crops=3, fa_crop_size=64, repeats=2)
+    for p in sorted((tmp_path / "a").rglob("*.png")):
+        assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_bundled_examples_are_the_recipes_crops(tmp_path):
+    written = demo_recipe.make_examples(tmp_path)
+    assert [p.name for p in written] == ["coffee.png", "chelsea.png", "rocket.png"]
+    for p in written:
+        for kind in ("lr", "hr"):
+            bundled = EXAMPLES / kind / p.name
+            assert bundled.is_file(), (
+                f"{bundled} is missing: python -m moe_sr.cli.demo_recipe examples"
+            )
+            np.testing.assert_array_equal(_png(bundled), _png(tmp_path / kind / p.name))
+    assert _png(EXAMPLES / "lr" / "coffee.png").shape == (32, 32, 3)
+    assert sum(f.stat().st_size for f in EXAMPLES.rglob("*.png")) < 500_000
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def _tiny_vae():
+    torch.manual_seed(0)
+    cfg = load_config(TINY_VAE)
+    return cfg, instantiate(cfg)
+
+
+def test_export_autoencoder_roundtrip_and_wrong_checkpoint(tmp_path):
+    cfg, vae = _tiny_vae()
+    state = {"model." + k: v for k, v in vae.state_dict().items()}
+    state["discriminator.main.0.weight"] = torch.zeros(1)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"autoencoder": to_plain(cfg)}, "state_dict": state}, ckpt)
+    out = demo_recipe.export_autoencoder(ckpt, tmp_path / "ae.safetensors")
+    loaded = load_pretrained(out)
+    for k, v in vae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    torch.save({"state_dict": state}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not an autoencoder_gan"):
+        demo_recipe.export_autoencoder(tmp_path / "other.ckpt", tmp_path / "x.safetensors")
+
+
+def test_results_markdown_table():
+    row = {"image": "coffee", "size": "600x400"}
+    for i, k in enumerate(("demo", "bicubic", "recon")):
+        row[f"{k}_psnr"], row[f"{k}_ssim"] = 20.0 + i, 0.5 + i / 10
+    md = demo_recipe.results_markdown([row, row], steps=50)
+    lines = md.strip().splitlines()
+    assert "demo SS-MoE (50 DDIM steps) PSNR / SSIM" in lines[0]
+    assert lines[2] == "| coffee | 600x400 | 21.00 / 0.6000 | 20.00 / 0.5000 | 22.00 / 0.7000 |"
+    assert lines[-1].startswith("| **mean** | | 21.00 / 0.6000")
+
+
+# --------------------------------------------------------------------------- demo CLI
+
+
+@pytest.fixture()
+def tiny_weights(tmp_path) -> Path:
+    """Random tiny 2-stage weights in our format (the demo config's stages [0, 500, 1000])."""
+    folder = tmp_path / "weights"
+    unet_cfg = load_config(TINY_UNET)
+    for k, t_range in enumerate([(0, 500), (500, 1000)]):
+        torch.manual_seed(k)
+        unet = instantiate(unet_cfg)
+        save_expert(
+            unet,
+            folder / f"expert_stage{k}.safetensors",
+            config=unet_cfg,
+            stage=k,
+            num_stages=2,
+            t_range=t_range,
+        )
+    cfg, vae = _tiny_vae()
+    save_pretrained(vae, folder / "fa_vae.safetensors", cfg)
+    return folder
+
+
+def _examples(folder: Path, n: int = 2) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        for kind, img in (("hr", hr), ("lr", imresize(hr, output_shape=(8, 8)))):
+            (folder / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / kind / f"ex{i}.png")
+    return folder / "lr", folder / "hr"
+
+
+def test_demo_cli_on_tiny_random_weights(tmp_path, tiny_weights, monkeypatch, capsys):
+    monkeypatch.delenv("MOESR_WEIGHTS", raising=False)
+    lr_dir, hr_dir = _examples(tmp_path / "ex")
+    out = tmp_path / "out"
+    argv = ["--demo-weights", str(tiny_weights), "-i", str(lr_dir), "--hr", str(hr_dir),
+            "-o", str(out), "--steps", "2", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert demo_main(argv) == 0
+    for i in range(2):
+        assert _png(out / f"ex{i}.png").shape == (64, 64, 3)
+        compare = Image.open(out / f"ex{i}_compare.png")
+        assert compare.width > 4 * 64  # LR nearest | bicubic | SR | reference
+    assert Image.open(out / "comparison.png").height > 2 * 64
+    printed = capsys.readouterr().out
+    assert str(out / "comparison.png") in printed
+
+
+def test_demo_cli_missing_weights_names_the_training_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MOESR_WEIGHTS", raising=False)
+    lr_dir, _ = _examples(tmp_path / "ex", n=1)
+    argv = ["--demo-weights", str(tmp_path / "none"), "-i", str(lr_dir), "-o", str(tmp_path)]
+    assert demo_main(argv) == 2
+    assert "scripts/train_demo.sh" in capsys.readouterr().err
+    monkeypatch.setenv("MOESR_WEIGHTS", str(tmp_path))
+    assert demo_main(argv) == 2
+    assert "moe_stage0..3.ckpt" in capsys.readouterr().err
+
+
+def test_evaluate_demo_on_tiny_weights(tmp_path, tiny_weights):
+    from moe_sr.build import build_pipeline_from_folder
+
+    lr_dir, hr_dir = _examples(tmp_path / "holdout", n=1)
+    pipe = build_pipeline_from_folder(tiny_weights, "demo/sr8x_demo", device="cpu")
+    rows, md = demo_recipe.evaluate_demo(pipe, tmp_path / "holdout", tmp_path / "sr", steps=2)
+    assert rows[0]["image"] == "ex0" and rows[0]["size"] == "64x64"
+    bicubic = _png(tmp_path / "holdout" / "hr" / "ex0.png")  # random: PSNR well below 20 dB
+    assert 0 < rows[0]["bicubic_psnr"] < 20 and bicubic.shape == (64, 64, 3)
+    assert (tmp_path / "sr" / "ex0.png").is_file()
+    assert "| ex0 | 64x64 |" in md
+
+
+# --------------------------------------------------------------------------- committed weights
+
+
+def _committed() -> list[Path]:
+    return sorted(DEMO_WEIGHTS.glob("*.safetensors"))
+
+
+@pytest.mark.skipif(
+    not _committed(),
+    reason="assets/demo/*.safetensors are not committed yet (train them: scripts/train_demo.sh)",
+)
+def test_committed_demo_weights_run_the_pipeline():
+    from moe_sr.build import build_pipeline_from_folder
+
+    files = _committed()
+    assert {p.name for p in files} == {
+        "expert_stage0.safetensors",
+        "expert_stage1.safetensors",
+        "fa_vae.safetensors",
+    }
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert (DEMO_WEIGHTS / "RESULTS.md").is_file()
+    pipe = build_pipeline_from_folder(DEMO_WEIGHTS, "demo/sr8x_demo", device="cpu")
+    assert pipe.stages.num_stages == 2
+    lr = _png(EXAMPLES / "lr" / "chelsea.png")[:16, :16]
+    hr = _png(EXAMPLES / "hr" / "chelsea.png")[:128, :128].astype(np.float64) / 255
+    out = pipe(lr, steps=4).image
+    assert out.shape == (3, 128, 128) and torch.isfinite(out).all()
+    sr = out.permute(1, 2, 0).numpy().astype(np.float64)
+    psnr = 10 * np.log10(1.0 / np.mean((sr - hr) ** 2))
+    assert psnr > 15.0  # a trained model, not noise (random weights give ~8-11 dB)
