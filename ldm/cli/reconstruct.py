@@ -5,6 +5,9 @@ Examples::
     moe-sr-reconstruct --config autoencoder/vq_f4 --ckpt vq-f4/model.ckpt photos/ -o recon/
     moe-sr-reconstruct --config autoencoder/kl_f8 --ckpt sd15.ckpt --prefix first_stage_model. a.png
     moe-sr-reconstruct --ckpt my_vae.safetensors a.png b.jpg -o out/   # config in the file
+    # LR-guided FA-VAE (VQ-f4): the LR images (1/8 of the HR, same file names), or made from the HR
+    moe-sr-reconstruct --config fa_vae/vq_f4_fa --ckpt fa_vae.pth hr/ --lr lr/ -o recon/
+    moe-sr-reconstruct --config fa_vae/vq_f4_fa --ckpt fa_vae.pth hr/ --lr-from-hr -o recon/
 """
 
 from __future__ import annotations
@@ -41,7 +44,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--suffix", default=".png", help="output file type (default .png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    lr = p.add_argument_group(
+        "LR-guided autoencoders (the VQ-f4 FA-VAE: its decoder fuses features of the LR image)"
+    ).add_mutually_exclusive_group()
+    lr.add_argument(
+        "--lr",
+        metavar="PATH_OR_DIR",
+        help="the LR image (one input) or a folder of LR images matched to the inputs by file "
+        "name (stem); each exactly 1/8 of its HR input's size",
+    )
+    lr.add_argument(
+        "--lr-from-hr",
+        action="store_true",
+        help="make each LR image from its input by MATLAB bicubic x1/8",
+    )
     return p
+
+
+def match_lr(files: list[Path], lr: str) -> tuple[dict[Path, Path], list[str]]:
+    """The LR image of each input (``lr``: one file, or a folder matched by stem), and error
+    lines for inputs without one (or with several candidates)."""
+    from ldm.data.image_io import list_images
+
+    src = Path(lr)
+    if src.is_file():
+        if len(files) != 1:
+            return {}, [f"--lr {src} is one file but there are {len(files)} inputs: give a folder"]
+        return {files[0]: src}, []
+    if not src.is_dir():
+        return {}, [f"--lr {src}: no such file or folder"]
+    by_stem: dict[str, list[Path]] = {}
+    for f in list_images(src):
+        by_stem.setdefault(f.stem, []).append(f)
+    found, errors = {}, []
+    for f in files:
+        cands = by_stem.get(f.stem, [])
+        if len(cands) == 1:
+            found[f] = cands[0]
+        elif not cands:
+            errors.append(f"{f}: no LR image named {f.stem}.* in {src}")
+        else:
+            errors.append(f"{f}: several LR images match: {', '.join(c.name for c in cands)}")
+    return found, errors
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
@@ -88,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
+    from ldm.autoencoders.lr_guided import needs_lr_input, reconstruct_image_with_lr
     from ldm.autoencoders.reconstruct import reconstruct_image
     from ldm.autoencoders.weights import load_autoencoder
     from ldm.checkpoint import CheckpointError
@@ -102,13 +147,31 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError) as err:
         _err(f"error: {err}")
         return 2
+    lr_guided = needs_lr_input(model)
+    if lr_guided and not (args.lr or args.lr_from_hr):
+        _err(
+            f"error: {type(model).__name__} is LR-guided (its decoder fuses LR features): give "
+            "--lr PATH_OR_DIR (LR images, 1/8 of the input size, same file names) or "
+            "--lr-from-hr (make them by bicubic x1/8 of the inputs)"
+        )
+        return 2
+    if not lr_guided and (args.lr or args.lr_from_hr):
+        flag = "--lr" if args.lr else "--lr-from-hr"
+        _err(f"error: {flag} is for LR-guided models (the VQ-f4 FA-VAE); "
+             f"{type(model).__name__} takes no LR image: drop {flag}")  # fmt: skip
+        return 2
     device = torch.device(args.device)
     model = model.to(device).eval()
 
     files, errors = collect_inputs(args.inputs)
+    files = list(dict.fromkeys(files))  # a file named twice is processed once
+    lr_files: dict[Path, Path] = {}
+    if args.lr:
+        lr_files, lr_errors = match_lr(files, args.lr)
+        errors += lr_errors
+        files = [f for f in files if f in lr_files]
     outdir = Path(args.outdir)
     suffix = args.suffix if args.suffix.startswith(".") else "." + args.suffix
-    files = list(dict.fromkeys(files))  # a file named twice is processed once
     names = output_names(files, suffix)
     done = skipped = 0
     for path in tqdm(files, desc="reconstruct", unit="img", disable=args.quiet):
@@ -122,7 +185,17 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(str(err))
             tqdm.write(f"error: {err}", file=sys.stderr)
             continue
-        write_image(reconstruct_image(model, x.to(device)), out)
+        if lr_guided:
+            try:
+                lr = read_image(lr_files[path]) if args.lr else None
+                y = reconstruct_image_with_lr(model, x, lr)
+            except (ImageReadError, ValueError) as err:
+                errors.append(f"{path}: {err}")
+                tqdm.write(f"error: {path}: {err}", file=sys.stderr)
+                continue
+        else:
+            y = reconstruct_image(model, x.to(device))
+        write_image(y, out)
         done += 1
 
     logger.info(
