@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--quiet", action="store_true", help="no progress bars")
     io.add_argument("--dry-run", action="store_true", help="print the plan and the config, exit")
+    add_pipeline_options(p)
+    return p
 
+
+def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    """The "model and weights", "sampling" and "resources" option groups (shared with
+    ``moe-sr-eval``)."""
     w = p.add_argument_group("model and weights")
     w.add_argument("--config", default="moe_sr/sr8x", help="pipeline preset or YAML file")
     w.add_argument(
@@ -100,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tile-size", type=int, help="latent tile size (latent px; x4 = output px)")
     r.add_argument("--tile-overlap", type=int, help="latent tile overlap (latent px)")
     r.add_argument("--vae-tile-size", type=int, help="FA-VAE decoding tile (latent px)")
-    return p
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -143,6 +148,12 @@ def _plan(files: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """SR of ``args.input`` into ``args.output`` (the options of :func:`build_parser`); the
+    exit status: 0 done, 1 some image failed, 2 bad config or weights."""
     from ldm.cli.reconstruct import collect_inputs
     from ldm.config import ConfigError, dump
 
