@@ -24,7 +24,13 @@ EXTRAS = {
     "eval": ["pyiqa==0.1.16", "scikit-image>=0.22", "scipy>=1.11"],
     # txt2img with Stable Diffusion 1.5 (FA-VAE as a drop-in decoder).
     "txt2img": ["diffusers>=0.30", "transformers>=4.40"],
-    "dev": ["pytest>=8.0", "ruff>=0.6", "scikit-image>=0.22", "diffusers>=0.30", "transformers>=4.40"],
+    "dev": [
+        "pytest>=8.0",
+        "ruff==0.17.6",
+        "scikit-image>=0.22",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+    ],
 }
 
 setup(
@@ -53,6 +59,7 @@ setup(
             "moe-sr-reconstruct = ldm.cli.reconstruct:main",
             "moe-sr-eval-reconstruction = ldm.cli.eval_reconstruction:main",
             "moe-sr-eval-sr = ldm.cli.eval_sr:main",
+            "moe-sr-eval = moe_sr.cli.eval_sr:main",
             "moe-sr-compare = ldm.cli.compare:main",
             "moe-sr-txt2img-latents = fa_vae.cli.txt2img_latents:main",
             "moe-sr-txt2img-decode = fa_vae.cli.txt2img_decode:main",
