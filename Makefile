@@ -30,7 +30,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	# every test, the slow ones too (full-size loading, DDP, train_moe.sh); plain `pytest` skips them
+	$(PY) -m pytest -q -m "slow or not slow"
 
 lint:
 	$(PY) -m ruff check --fix .
