@@ -14,25 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ldm.autoencoders.official import DDCONFIG_FIXED, DDCONFIG_KEYS
 from ldm.official import register_official
 
-#: official ddconfig keys our Encoder/Decoder take unchanged
-_DDCONFIG_KEYS = (
-    "double_z",
-    "z_channels",
-    "resolution",
-    "in_channels",
-    "out_ch",
-    "ch",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_resolutions",
-    "dropout",
-    "resamp_with_conv",
-    "give_pre_end",
-)
-#: official ddconfig keys that are fine at these values (no effect on the network)
-_DDCONFIG_DEFAULTS = {"tanh_out": False, "use_linear_attn": False, "attn_type": "vanilla"}
+#: official ddconfig keys shared with LDM's autoencoders (same meaning, same checks)
+_DDCONFIG_KEYS = DDCONFIG_KEYS
+_DDCONFIG_DEFAULTS = DDCONFIG_FIXED
 #: official constructor arguments of the training code only
 _TRAINING_ONLY = {
     "ckpt_path",

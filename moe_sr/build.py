@@ -31,7 +31,7 @@ from ldm.checkpoint import (
     read_state_dict,
 )
 from ldm.config import ConfigError, instantiate, load_config, to_plain
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
 from moe_sr.checkpoints import (
     OnMismatch,
     Weights,
@@ -77,13 +77,10 @@ def load_pipeline_config(
 
 def build_schedule(spec: Mapping[str, Any]) -> NoiseSchedule:
     """``{kind: linear|cosine, num_timesteps, ...}`` -> :class:`NoiseSchedule`."""
-    spec = dict(spec)
-    kind = spec.pop("kind", "linear")
-    if kind == "linear":
-        return NoiseSchedule.linear(**spec)
-    if kind == "cosine":
-        return NoiseSchedule.cosine(**spec)
-    raise ConfigError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
+    try:
+        return schedule_from_spec(to_plain(spec))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _uninitialised(cfg: Mapping[str, Any]) -> nn.Module:

@@ -48,24 +48,12 @@ from ldm.checkpoint import (
     read_safetensors_metadata,
     save_pretrained,
 )
+from ldm.diffusion.schedule import LDM_BUFFER_NAMES
 
 logger = logging.getLogger(__name__)
 
 #: The 12 schedule buffers of an LDM ``DDPM`` state dict, in file order.
-SCHEDULE_BUFFER_NAMES = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+SCHEDULE_BUFFER_NAMES = LDM_BUFFER_NAMES
 RAW_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 EMA_MODULE_NAME = "diffusion_model"

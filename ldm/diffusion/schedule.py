@@ -11,7 +11,8 @@ precise in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -224,3 +225,17 @@ class NoiseSchedule:
 def _check_num_timesteps(num_timesteps: int) -> None:
     if not isinstance(num_timesteps, int) or isinstance(num_timesteps, bool) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+
+
+def schedule_from_spec(spec: Mapping[str, Any] | None) -> NoiseSchedule:
+    """``{kind: linear|cosine, num_timesteps, ...}`` (a config section) -> :class:`NoiseSchedule`.
+
+    ``None`` or ``{}`` gives LDM's linear SR schedule (T=1000, 0.0015 -> 0.0155).
+    """
+    spec = dict(spec or {})
+    kind = spec.pop("kind", "linear")
+    if kind == "linear":
+        return NoiseSchedule.linear(**spec)
+    if kind == "cosine":
+        return NoiseSchedule.cosine(**spec)
+    raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")

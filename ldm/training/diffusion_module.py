@@ -23,7 +23,7 @@ from torch import nn
 
 from ldm.config import ConfigError, instantiate, to_plain
 from ldm.diffusion.ddim import ddim_sample
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
 from ldm.registry import register
 from ldm.training.ema import EMA
 from ldm.training.ewa import ExpertWeightAveraging
@@ -56,13 +56,10 @@ class DiffusionWrapper(nn.Module):
 
 def build_schedule(spec: Mapping[str, Any] | None) -> NoiseSchedule:
     """``{kind: linear|cosine, num_timesteps, linear_start, linear_end}`` -> NoiseSchedule."""
-    spec = dict(to_plain(spec) or {})
-    kind = spec.pop("kind", "linear")
-    if kind == "linear":
-        return NoiseSchedule.linear(**spec)
-    if kind == "cosine":
-        return NoiseSchedule.cosine(**spec)
-    raise ConfigError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
+    try:
+        return schedule_from_spec(to_plain(spec))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @register("diffusion_sr")
