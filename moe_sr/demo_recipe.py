@@ -239,6 +239,38 @@ def export_autoencoder(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     return save_pretrained(model.eval(), out, config)
 
 
+FA_PARTS = ("decoder.fusion_layer_", "decoder.unet_1.")
+
+
+def fa_vae_from_autoencoder(
+    autoencoder: str | os.PathLike,
+    fa_config: str | os.PathLike | Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+) -> Path:
+    """An FA-VAE file from a plain VQ autoencoder file: same base weights, FA parts at their
+    (seeded) init. Step (d) uses it to generate latents (their decoding is discarded)."""
+    from ldm.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
+    from ldm.config import instantiate, load_config, to_plain
+
+    base = load_pretrained(autoencoder).state_dict()
+    cfg = to_plain(fa_config if isinstance(fa_config, Mapping) else load_config(fa_config))
+    torch.manual_seed(seed)
+    model = instantiate(cfg)
+    own = model.state_dict()
+    missing = [k for k in own if k not in base and not k.startswith(FA_PARTS)]
+    unexpected = [k for k in base if k not in own]
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{autoencoder} is not the base of {cfg.get('target')}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    own.update(base)
+    model.load_state_dict(own, strict=True)
+    return save_pretrained(model.eval(), out, cfg)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 

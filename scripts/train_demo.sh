@@ -13,7 +13,7 @@
 # skip the steps before START, reusing their outputs in WORK).
 #
 # Steps: (a) write scikit-image's bundled photographs to DATA (16 train, 3 held out: coffee,
-# chelsea, rocket); (b) train the demo FA-VAE (VQ-f4, 32 ch) from scratch, L1 + codebook;
+# chelsea, rocket); (b) train the demo VQ-f4 autoencoder (32 ch) from scratch, L1 + codebook;
 # (c) train the 2 stage experts (t in [0,500) then [500,1000), stage 1 initialised from stage 0's
 # EMA weights, EWA + EMA); (d) generate latents for fixed training crops with the 2 experts and
 # fine-tune the FA parts of the decoder (fuse layer + frequency module) on them; (e) export the
@@ -36,7 +36,7 @@ case $DEVICE in
 esac
 export PYTHON=$PY
 LOGDIR=$WORK/logs
-AE_BATCHES=3000      # (b) autoencoder batches (Lightning counts 2 steps per batch: 2 optimizers)
+AE_BATCHES=4000      # (b) autoencoder batches (Lightning counts 2 steps per batch: 2 optimizers)
 STAGE_STEPS=4000     # (c) steps per stage expert
 FA_BATCHES=1000      # (d) FA fine-tuning batches
 LATENT_STEPS=${LATENT_STEPS:-50}  # (d) DDIM steps of the generated latents
@@ -61,7 +61,7 @@ if todo a; then
   stamp "a_data"
 fi
 
-# (b) autoencoder from scratch (every parameter trains; FA parts included)
+# (b) the VQ-f4 autoencoder from scratch (every parameter trains)
 if todo b; then
   T0=$SECONDS
   RUN=$("$PY" -m ldm.cli.train --base configs/demo/train_autoencoder.yaml --seed "$SEED" \
@@ -70,7 +70,7 @@ if todo b; then
     data.train.params.root_or_filelist="$DATA/train/epoch.txt" | run_folder)
   [ -n "$RUN" ] || { echo "autoencoder training failed" >&2; exit 1; }
   "$PY" -m moe_sr.cli.demo_recipe export-autoencoder "$RUN/checkpoints/last.ckpt" \
-    "$WORK/autoencoder.safetensors"
+    "$WORK/vq_f4.safetensors"
   stamp "b_autoencoder"
 fi
 
@@ -78,7 +78,7 @@ fi
 if todo c; then
   T0=$SECONDS
   bash scripts/train_moe.sh -c configs/demo/train_stage.yaml -o "$WORK/experts" -l "$LOGDIR" -- \
-    "${COMMON[@]}" model.params.first_stage="$WORK/autoencoder.safetensors" \
+    "${COMMON[@]}" model.params.first_stage="$WORK/vq_f4.safetensors" \
     lightning.trainer.max_steps="$STAGE_S" model.params.ewa.ramp_steps="$STAGE_S" \
     model.params.lr_warmup_steps="$WARMUP" data.train.params.root_or_filelist="$DATA/train/epoch.txt"
   stamp "c_experts"
@@ -88,14 +88,16 @@ fi
 if todo d; then
   T0=$SECONDS
   rm -rf "$WORK/stage_c" && mkdir -p "$WORK/stage_c"
-  cp "$WORK"/experts/expert_stage*.safetensors "$WORK/autoencoder.safetensors" "$WORK/stage_c/"
+  cp "$WORK"/experts/expert_stage*.safetensors "$WORK/stage_c/"
+  "$PY" -m moe_sr.cli.demo_recipe init-fa-vae "$WORK/vq_f4.safetensors" \
+    "$WORK/stage_c/fa_vae_init.safetensors"
   "$PY" -m moe_sr.cli.sr -i "$DATA/fa_crops/lr" -o "$WORK/fa_latents" --overwrite --quiet \
     --config configs/demo/sr8x_demo.yaml --weights-dir "$WORK/stage_c" --save-latents \
     --steps "$LATENT_STEPS" --device "$DEVICE"
   RUN=$("$PY" -m ldm.cli.train --base configs/demo/train_fa_vae.yaml --seed "$SEED" \
     --logdir "$LOGDIR" --name demo_fa_vae "${COMMON[@]}" \
     lightning.trainer.max_steps=$(( 2 * FA_B )) \
-    model.params.ckpt="$WORK/autoencoder.safetensors" \
+    model.params.ckpt="$WORK/vq_f4.safetensors" \
     data.train.params.latent_dir="$WORK/fa_latents/latents" \
     data.train.params.dataset.params.lr_dir="$DATA/fa_crops/lr" \
     data.train.params.dataset.params.hr_dir="$DATA/fa_crops/hr" | run_folder)

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("ckpt")
     x.add_argument("out")
 
+    f = sub.add_parser("init-fa-vae", help="plain VQ .safetensors -> FA-VAE (FA parts at init)")
+    f.add_argument("autoencoder")
+    f.add_argument("out")
+    f.add_argument("--config", default="demo/autoencoder", help="FA-VAE preset or YAML")
+
     v = sub.add_parser("evaluate", help="PSNR/SSIM of the demo model vs bicubic (held-out)")
     v.add_argument("--weights-dir", default="assets/demo")
     v.add_argument("--config", default=DEMO_CONFIG, help="pipeline preset or YAML")
@@ -58,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(f"{path}\n")
     elif args.command == "export-autoencoder":
         sys.stdout.write(f"{recipe.export_autoencoder(args.ckpt, args.out)}\n")
+    elif args.command == "init-fa-vae":
+        out = recipe.fa_vae_from_autoencoder(args.autoencoder, args.config, args.out)
+        sys.stdout.write(f"{out}\n")
     elif args.command == "evaluate":
         from moe_sr.build import build_pipeline_from_folder
 
