@@ -106,6 +106,22 @@ def test_export_autoencoder_roundtrip_and_wrong_checkpoint(tmp_path):
         demo_recipe.export_autoencoder(tmp_path / "other.ckpt", tmp_path / "x.safetensors")
 
 
+def test_fa_vae_from_plain_autoencoder(tmp_path):
+    torch.manual_seed(1)
+    plain_cfg = load_config("autoencoder/vq_f4_tiny")
+    plain = instantiate(plain_cfg)
+    path = save_pretrained(plain, tmp_path / "vq.safetensors", plain_cfg)
+    out = demo_recipe.fa_vae_from_autoencoder(path, TINY_VAE, tmp_path / "fa.safetensors")
+    fa = load_pretrained(out)
+    assert type(fa).__name__ == "FAVQModel"
+    fa_sd = fa.state_dict()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(fa_sd[k], v, rtol=0, atol=0)
+    assert any(k.startswith("decoder.unet_1.") for k in fa_sd)
+    with pytest.raises(CheckpointError, match="is not the base of"):
+        demo_recipe.fa_vae_from_autoencoder(path, "demo/autoencoder", tmp_path / "x.safetensors")
+
+
 def test_results_markdown_table():
     row = {"image": "coffee", "size": "600x400"}
     for i, k in enumerate(("demo", "bicubic", "recon")):
