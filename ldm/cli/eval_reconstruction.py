@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--metrics", default=None,
-        help="comma-separated metrics (default psnr,ssim,lpips,fid; fid only where its "
-        "verified weights exist)",
+        help="comma-separated metrics (default psnr,ssim,lpips,fid; fid is dropped with a note "
+        "when its Inception weights are missing)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="first N images (sorted by name)")
     p.add_argument("--size", type=int, default=256, help="crop size (default 256)")

@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics", default=None,
         help="comma-separated metrics: psnr, ssim, lpips, lpips-vgg, dists, niqe, musiq, clipiqa, "
-        "maniqa, fid, fid_unverified, ... (default psnr,ssim,lpips,fid; fid only where its "
-        "verified weights exist)",
+        "maniqa, fid, ... (default psnr,ssim,lpips,fid; fid is dropped with a note when its "
+        "Inception weights are missing)",
     )  # fmt: skip
     p.add_argument("--crop-border", type=int, default=0, help="pixels cropped for psnr/ssim")
     p.add_argument("--y-channel", action="store_true", help="psnr/ssim on the BT.601 Y channel")

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("metrics (as moe-sr-eval-sr)")
     m.add_argument(
         "--metrics", default=None,
-        help="comma-separated metrics (default psnr,ssim,lpips,fid; fid only where its verified "
-        "weights exist)",
+        help="comma-separated metrics (default psnr,ssim,lpips,fid; fid is dropped with a note "
+        "when its Inception weights are missing)",
     )  # fmt: skip
     m.add_argument("--crop-border", type=int, default=0, help="pixels cropped for psnr/ssim")
     m.add_argument("--y-channel", action="store_true", help="psnr/ssim on the BT.601 Y channel")
