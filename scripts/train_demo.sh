@@ -47,6 +47,7 @@ WARMUP=$(scaled 100)
 COMMON=(lightning.trainer.accelerator="$DEVICE" data.num_workers="$WORKERS")
 mkdir -p "$WORK" "$OUT"
 TIMES=$WORK/timings.txt
+TABLE=$WORK/results_table.md
 if [ "$START" = a ]; then : > "$TIMES"; fi
 stamp() { echo "$1: $(( SECONDS - T0 )) s" | tee -a "$TIMES"; }
 todo() { [[ "$1" > "$START" || "$1" == "$START" ]]; }  # step $1 runs?
@@ -119,7 +120,6 @@ fi
 # (f) held-out evaluation
 if todo f; then
   T0=$SECONDS
-  TABLE=$WORK/results_table.md
   "$PY" -m moe_sr.cli.demo_recipe evaluate --weights-dir "$OUT" --device "$DEVICE" \
     --steps "$EVAL_STEPS" \
     --holdout "$DATA/holdout" --markdown "$TABLE" --json "$WORK/results.json" \

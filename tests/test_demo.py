@@ -194,6 +194,30 @@ def test_demo_cli_missing_weights_names_the_training_script(tmp_path, monkeypatc
     assert "moe_stage0..3.ckpt" in capsys.readouterr().err
 
 
+def test_release_weights_folder_layouts(tmp_path):
+    from moe_sr.cli.demo import DemoError, _release_files
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(4):
+        (flat / f"moe_stage{k}.ckpt").touch()
+    with pytest.raises(DemoError, match="fa_vae.pth"):
+        _release_files(flat)
+    (flat / "fa_vae.pth").touch()
+    experts, vae = _release_files(flat)
+    assert [p.name for p in experts] == [f"moe_stage{k}.ckpt" for k in range(4)]
+    assert vae == flat / "fa_vae.pth"
+    hub = tmp_path / "hub"
+    (hub / "Unet").mkdir(parents=True)
+    (hub / "first_stage_models" / "vq-f4").mkdir(parents=True)
+    for k in range(4):
+        (hub / "Unet" / f"moe_stage{k}.ckpt").touch()
+    (hub / "first_stage_models" / "vq-f4" / "fa_vae.pth").touch()
+    experts, vae = _release_files(hub)
+    assert experts[3] == hub / "Unet" / "moe_stage3.ckpt"
+    assert vae == hub / "first_stage_models" / "vq-f4" / "fa_vae.pth"
+
+
 def test_evaluate_demo_on_tiny_weights(tmp_path, tiny_weights):
     from moe_sr.build import build_pipeline_from_folder
 
