@@ -147,7 +147,7 @@ def random_crops(
 def prepare_demo_data(
     root: str | os.PathLike = "data/demo",
     *,
-    fa_crops: int = 96,
+    fa_crops: int = 32,
     fa_crop_size: int = 128,
     seed: int = 0,
     max_side: int = 800,

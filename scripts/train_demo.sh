@@ -9,7 +9,7 @@
 # steps), PYTHON (default python), DATA (default data/demo), WORK (scratch: run folders,
 # intermediate weights; default logs/demo), OUT (final weights + RESULTS.md; default assets/demo),
 # WORKERS (DataLoader workers; default 0 on cpu, 4 on cuda), SEED (default 23), LATENT_STEPS /
-# EVAL_STEPS (DDIM steps of the FA latents / the evaluation; default 50), START=a..f (resume:
+# EVAL_STEPS (DDIM steps of the FA latents / the evaluation; default 20 / 50), START=a..f (resume:
 # skip the steps before START, reusing their outputs in WORK).
 #
 # Steps: (a) write scikit-image's bundled photographs to DATA (16 train, 3 held out: coffee,
@@ -39,7 +39,7 @@ LOGDIR=$WORK/logs
 AE_BATCHES=4000      # (b) autoencoder batches (Lightning counts 2 steps per batch: 2 optimizers)
 STAGE_STEPS=4000     # (c) steps per stage expert
 FA_BATCHES=1000      # (d) FA fine-tuning batches
-LATENT_STEPS=${LATENT_STEPS:-50}  # (d) DDIM steps of the generated latents
+LATENT_STEPS=${LATENT_STEPS:-20}  # (d) DDIM steps of the generated latents
 EVAL_STEPS=${EVAL_STEPS:-50}      # (f) DDIM steps of the evaluation (the demo default)
 scaled() { awk -v n="$1" -v s="$STEPS_SCALE" 'BEGIN { v = int(n * s + 0.5); print (v < 1 ? 1 : v) }'; }
 AE_B=$(scaled $AE_BATCHES); STAGE_S=$(scaled $STAGE_STEPS); FA_B=$(scaled $FA_BATCHES)
@@ -129,7 +129,9 @@ fi
 {
   echo "# Demo model: held-out results"
   echo
-  echo "Produced by \`DEVICE=$DEVICE STEPS_SCALE=$STEPS_SCALE bash scripts/train_demo.sh\`"
+  echo "Produced by \`DEVICE=$DEVICE STEPS_SCALE=$STEPS_SCALE LATENT_STEPS=$LATENT_STEPS EVAL_STEPS=$EVAL_STEPS"
+  echo "bash scripts/train_demo.sh\` (autoencoder $AE_B batches, experts $STAGE_S steps each, FA $FA_B"
+  echo "batches on the latents of $(ls "$DATA/fa_crops/lr" | wc -l) training crops)"
   echo "($(date -u +%Y-%m-%d), seed $SEED). Held-out scikit-image photographs (never trained on),"
   echo "LR = MATLAB-bicubic x1/8 of the HR image; 8x SR with the demo model (2 stage experts,"
   echo "DDIM eta 1, seed 42, AdaIN colour fix). PSNR (dB) / SSIM on RGB, full image, no border"

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("prepare-data", help="write the scikit-image photographs (train/holdout)")
     d.add_argument("--root", default="data/demo", help="output folder (default data/demo)")
-    d.add_argument("--fa-crops", type=int, default=96, help="crops for the FA fine-tuning")
+    d.add_argument("--fa-crops", type=int, default=32, help="crops for the FA fine-tuning")
     d.add_argument("--seed", type=int, default=0, help="seed of the crop positions")
 
     e = sub.add_parser("examples", help="cut the bundled LR/HR examples from held-out photos")
