@@ -135,8 +135,9 @@ fi
   echo "($(date -u +%Y-%m-%d), seed $SEED). Held-out scikit-image photographs (never trained on),"
   echo "LR = MATLAB-bicubic x1/8 of the HR image; 8x SR with the demo model (2 stage experts,"
   echo "DDIM eta 1, seed 42, AdaIN colour fix). PSNR (dB) / SSIM on RGB, full image, no border"
-  echo "crop, pyiqa (ldm.evaluation). The last column decodes the HR image's own latent: the"
-  echo "ceiling of the small autoencoder. A working example of the method, not a claim of quality."
+  echo "crop, pyiqa (ldm.evaluation). The last column encodes the HR image and decodes its quantised"
+  echo "latent with the FA-VAE (LR features fused, no colour fix): how well the small autoencoder"
+  echo "itself reproduces the photo. A working example of the method, not a claim of quality."
   echo
   cat "$TABLE"
   echo
