@@ -60,6 +60,8 @@ setup(
             "moe-sr-eval-reconstruction = ldm.cli.eval_reconstruction:main",
             "moe-sr-eval-sr = ldm.cli.eval_sr:main",
             "moe-sr-eval = moe_sr.cli.eval_sr:main",
+            "moe-sr-demo = moe_sr.cli.demo:main",
+            "moe-sr-demo-recipe = moe_sr.cli.demo_recipe:main",
             "moe-sr-compare = ldm.cli.compare:main",
             "moe-sr-txt2img-latents = fa_vae.cli.txt2img_latents:main",
             "moe-sr-txt2img-decode = fa_vae.cli.txt2img_decode:main",
