@@ -276,3 +276,31 @@ def test_committed_demo_weights_run_the_pipeline():
             x_t = pipe.schedule.q_sample(z0 * pipe.vae.scale_factor, t, noise)
             eps = pipe.unets[k](torch.cat([x_t, inputs.cond_x2], 1), t)
             assert float(torch.mean((eps - noise) ** 2)) < 0.5, f"expert {k}"
+
+
+@pytest.mark.skipif(len(_committed()) < 3, reason="assets/demo/*.safetensors are not committed yet")
+def test_inf_moe_8x_script_with_the_demo_weights(tmp_path):
+    """The release-style script runs end to end on weights made by our own training."""
+    import os
+    import subprocess
+    import sys
+
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    lr = _png(REPO / "assets" / "examples" / "lr" / "coffee.png")[:12, :20]
+    Image.fromarray(lr).save(lr_dir / "crop.png")
+    env = dict(
+        os.environ,
+        WEIGHTS_DIR=str(REPO / "assets" / "demo"),
+        CONFIG_PATH=str(REPO / "configs" / "demo" / "sr8x_demo.yaml"),
+        INPUT_PATH=str(lr_dir),
+        OUTPUT_PATH=str(tmp_path / "sr"),
+        SAMPLE_STEPS="2",
+        DEVICE="cpu",
+        PYTHON=sys.executable,
+    )
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / "inf_moe_8x.sh"), "--quiet"], env=env, check=True
+    )
+    out = np.asarray(Image.open(tmp_path / "sr" / "crop.png"))
+    assert out.shape == (96, 160, 3)

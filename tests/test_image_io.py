@@ -139,3 +139,10 @@ def test_list_images_sorted_by_name(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "d.tiff"]
     with pytest.raises(NotADirectoryError):
         list_images(tmp_path / "b.png")
+
+
+def test_written_images_get_the_umask_mode_not_0600(tmp_path):
+    out = write_image(torch.rand(3, 4, 5), tmp_path / "a.png")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask

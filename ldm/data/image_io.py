@@ -136,6 +136,12 @@ def _to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
     """Write ``image`` (floats in [0, 1] or uint8; CHW or HWC) atomically; format from the suffix."""
     path = Path(path)
@@ -148,6 +154,7 @@ def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Pa
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(arr).save(f, format=fmt)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
