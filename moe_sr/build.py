@@ -94,7 +94,12 @@ def _uninitialised(cfg: Mapping[str, Any]) -> nn.Module:
 
 
 def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
-    """The FA-VAE of ``cfg`` with weights from a released ``fa_vae.pth`` or our safetensors."""
+    """The FA-VAE of ``cfg`` with weights from a released ``fa_vae.pth`` or our safetensors.
+
+    A plain first stage works too (e.g. LDM's vq-f4 ``model.ckpt`` with ``autoencoder/vq_f4``):
+    its decoder ignores the LR features, which is how latents for FA-VAE training are made
+    before an FA-VAE exists.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
         found = read_pretrained_config(path)
@@ -112,6 +117,8 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
             if k.startswith("first_stage_model.")
         }
         state_dict = inner or state_dict
+    # an LDM autoencoder .ckpt also carries its training loss (LPIPS + discriminator): not the model
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
     vae = _uninitialised(cfg)
     load_state_dict_strict(vae, state_dict, what=str(path))
     return vae.eval()

@@ -156,3 +156,22 @@ def test_release_style_script_runs_python_m_moe_sr(weights_dir, tmp_path):
                          text=True, env=env, cwd=ROOT)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert Image.open(tmp_path / "out" / "x.png").size == (32, 32)
+
+
+def test_load_vae_takes_a_plain_ldm_autoencoder_ckpt(tmp_path):
+    """An LDM vq-f4 Lightning .ckpt (with its loss.* keys) loads as the pipeline's VAE."""
+    from ldm.config import instantiate, load_config, to_plain
+    from moe_sr.build import load_vae
+
+    cfg = to_plain(load_config("autoencoder/vq_f4_tiny"))
+    vq = instantiate(cfg)
+    sd = {f"first_stage_model.{k}": v for k, v in vq.state_dict().items()}
+    sd["first_stage_model.loss.discriminator.main.0.weight"] = torch.zeros(2, 3, 4, 4)
+    sd["model.diffusion_model.out.2.bias"] = torch.zeros(3)
+    torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "model.ckpt")
+    vae = load_vae(cfg, tmp_path / "model.ckpt")
+    for k, v in vq.state_dict().items():
+        assert torch.equal(vae.state_dict()[k], v), k
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    h, feats = vae.encode(x, return_features=True)
+    assert vae.decode(h, skips=feats, quantize=True).shape == x.shape
