@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ldm.data.sr_inputs import lr_to_uint8_hwc, make_sr_inputs
+from ldm.device import resolve_device
 from ldm.diffusion.ddim import ddim_sample
 from ldm.diffusion.schedule import NoiseSchedule
 from moe_sr.color_fix import COLOR_FIX_MODES
@@ -261,9 +262,7 @@ class MoESRPipeline:
                 f"stage boundaries end at T={stages.num_timesteps} but the noise schedule has "
                 f"{schedule.num_timesteps} timesteps"
             )
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if dtype == torch.float16 and self.device.type == "cpu":
             logger.warning("float16 on the CPU is slow and not always supported; use bfloat16")
         self.dtype = dtype

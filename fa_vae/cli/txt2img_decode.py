@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.device import resolve_device
+
 logger = logging.getLogger("moe_sr.txt2img_decode")
 
 LATENT_SUFFIXES = (".safetensors", ".pt")
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in errors:
             _err(f"error: {line}")
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     try:
         fa = load_fa_vae(args.config, args.ckpt, device, dtype)

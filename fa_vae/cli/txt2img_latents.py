@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.device import resolve_device
+
 logger = logging.getLogger("moe_sr.txt2img_latents")
 
 
@@ -103,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         _err(f"error: {err}")
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("float32" if device.type == "cpu" else "float16")
     try:
         pipe = load_sd_pipeline(args.model, torch_dtype=getattr(torch, dtype_name), device=device)
         check_tokenizer(pipe)

@@ -88,11 +88,10 @@ def _release_files(folder: Path) -> tuple[list[Path], Path]:
 
 def build_demo_pipeline(args: argparse.Namespace):
     """``(pipeline, description)`` from the released weights or the demo model."""
-    import torch
-
+    from ldm.device import resolve_device
     from moe_sr.build import build_pipeline, build_pipeline_from_folder
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     weights = args.weights or os.environ.get(WEIGHTS_ENV)
     if weights:
         experts, vae = _release_files(Path(weights))
