@@ -5,7 +5,7 @@
 #                                                 # (~35 min on a shared 2-core CPU)
 #   bash scripts/train_demo.sh                    # full recipe (~2 h on 2 CPU cores)
 #   DEVICE=cuda bash scripts/train_demo.sh        # same recipe on a GPU (minutes)
-#   STEPS_SCALE=0.01 OUT=/tmp/demo bash scripts/train_demo.sh   # smoke run (every stage shortened)
+#   STEPS_SCALE=0.01 OUT=logs/demo_smoke bash scripts/train_demo.sh   # smoke run (every stage shortened)
 #
 # Environment: DEVICE=cpu|cuda (default cpu), STEPS_SCALE (default 1: multiplies every stage's
 # steps), PYTHON (default python), DATA (default data/demo), WORK (scratch: run folders,
