@@ -36,6 +36,7 @@ from ldm.diffusion.ddim import ddim_sample
 from ldm.diffusion.schedule import NoiseSchedule
 from moe_sr.color_fix import COLOR_FIX_MODES
 from moe_sr.color_fix import color_fix as apply_color_fix
+from moe_sr.residency import ExpertResidency
 from moe_sr.router import TimestepRouter
 from moe_sr.stages import StageSchedule
 from moe_sr.tiling import TiledDenoiser, TilingConfig, tiled_fa_vae_decode
@@ -57,131 +58,6 @@ class SRResult:
     image: torch.Tensor
     latent: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class ExpertResidency:
-    """Where the experts live: all on ``device``, or (offload) only the active one.
-
-    With ``offload=True`` every expert's weights stay in a "home" copy on ``offload_device``
-    (pinned CPU memory when the device is a GPU, so copies are fast and asynchronous), and
-    :meth:`on_switch` (the router's hook) puts the next expert on the device and points the
-    previous one back at its home copy; inference never changes weights, so nothing is copied
-    back. 3 switches per image for four stages, plus one when the next image starts again at
-    the last stage.
-
-    ``prefetch`` (default: on for CUDA) copies the expert of the next stage (DDIM runs from the
-    last stage down to stage 0) on a side stream while the current one computes, so a switch
-    costs almost nothing; at most two experts are then on the device.
-    """
-
-    def __init__(
-        self,
-        unets: Sequence[nn.Module],
-        device: torch.device,
-        dtype: torch.dtype,
-        *,
-        offload: bool = False,
-        offload_device: str | torch.device = "cpu",
-        prefetch: bool | None = None,
-    ) -> None:
-        self.unets = list(unets)
-        self.device, self.dtype = device, dtype
-        self.offload_device = torch.device(offload_device)
-        self.offload = offload  # (on a CPU-only run the "moves" are no-ops, the path is the same)
-        self.prefetch = offload and (device.type == "cuda" if prefetch is None else prefetch)
-        self.active: int | None = None
-        self.switches = 0
-        self.switch_seconds = 0.0
-        home = self.offload_device if self.offload else device
-        pin = self.offload and device.type == "cuda" and self.offload_device.type == "cpu"
-        for u in self.unets:
-            u.to(device=home, dtype=dtype).eval().requires_grad_(False)
-            if pin:
-                for t in _tensors(u):
-                    t.data = t.data.pin_memory()
-        #: home copies: ``self._home[k][i]`` is the i-th tensor of expert k on offload_device
-        self._home = [[t.data for t in _tensors(u)] for u in self.unets] if self.offload else []
-        #: prefetched experts: ``k -> (tensors on the device, CUDA event or None)``
-        self._staged: dict[int, tuple[list[torch.Tensor], Any]] = {}
-        use_stream = self.prefetch and device.type == "cuda"
-        self._stream = torch.cuda.Stream(device) if use_stream else None
-        #: the most expert weight bytes that were on the device at once
-        self.peak_resident_bytes = self.resident_bytes()
-
-    def next_stage(self, k: int) -> int:
-        """The stage sampled after ``k`` (descending; after stage 0 the next image's last)."""
-        return k - 1 if k > 0 else len(self.unets) - 1
-
-    def on_switch(self, prev: int | None, new: int) -> None:
-        if not self.offload or new == self.active:
-            return
-        start = time.perf_counter()
-        if self.active is not None:
-            self._evict(self.active)
-        staged, event = self._staged.pop(new, None) or (self._copy_in(new, None), None)
-        if event is not None:  # the compute stream waits for the side-stream copy (GPU side)
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for d in staged:
-                d.record_stream(current)
-        for t, d in zip(_tensors(self.unets[new]), staged):
-            t.data = d
-        self.active = new
-        nxt = self.next_stage(new)
-        if self.prefetch and nxt != new and nxt not in self._staged:
-            self._staged[nxt] = self._prefetch(nxt)
-        self.switches += 1
-        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes())
-        self.switch_seconds += time.perf_counter() - start
-
-    def _copy_in(self, k: int, stream: Any) -> list[torch.Tensor]:
-        if stream is None:
-            return [h.to(self.device, non_blocking=True) for h in self._home[k]]
-        with torch.cuda.stream(stream):
-            return [h.to(self.device, non_blocking=True) for h in self._home[k]]
-
-    def _prefetch(self, k: int) -> tuple[list[torch.Tensor], Any]:
-        if self._stream is None:
-            return self._copy_in(k, None), None
-        # the copy must not start before the compute stream has released memory it reuses
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        data = self._copy_in(k, self._stream)
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        return data, event
-
-    def _evict(self, k: int) -> None:
-        unet = self.unets[k]
-        for t, home in zip(_tensors(unet), self._home[k]):
-            t.data = home
-        if hasattr(unet, "ffn_moe_layers"):
-            for layer in unet.ffn_moe_layers():  # drop stacked weights held on the device
-                layer.clear_cache()
-
-    def resident_bytes(self) -> int:
-        """Bytes of expert weights currently on the compute device (prefetched ones included)."""
-        on_device = [p for u in self.unets for p in u.parameters()]
-        on_device += [d for data, _ in self._staged.values() for d in data]
-        return sum(
-            t.numel() * t.element_size() for t in on_device if _same_device(t.device, self.device)
-        )
-
-
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters and buffers in a fixed order (what offloading moves)."""
-    return [*module.parameters(), *module.buffers()]
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-
-    def index(d: torch.device) -> int:
-        return d.index if d.index is not None else torch.cuda.current_device()
-
-    return index(a) == index(b)
 
 
 class _ExpertDenoiser:
@@ -232,8 +108,10 @@ class MoESRPipeline:
         ffn_moe_routing: ``"random"`` (released; seeded per image) or ``"average"``.
         steps, eta, seed, color_fix: sampler and post-processing defaults (released values).
         tiling: a :class:`~moe_sr.tiling.TilingConfig` (default: automatic above 128 latent px).
-        cache_ffn_moe: keep the stacked FFN-MoE expert weights between UNet calls (faster, more
-            memory); default: on when offloading, off otherwise.
+
+    The experts are cast to ``dtype`` and their FFN-MoE expert weights packed
+    (``pack_ffn_moe_experts``: the batched layer uses them without a copy) in place; then an
+    :class:`~moe_sr.residency.ExpertResidency` owns their storage.
     """
 
     def __init__(
@@ -253,7 +131,6 @@ class MoESRPipeline:
         seed: int = 42,
         color_fix: str = "adain",
         tiling: TilingConfig | None = None,
-        cache_ffn_moe: bool | None = None,
     ) -> None:
         if len(unets) != stages.num_stages:
             raise ValueError(f"{len(unets)} expert UNets for {stages.num_stages} stages")
@@ -268,6 +145,10 @@ class MoESRPipeline:
         self.dtype = dtype
         self.vae_dtype = vae_dtype or dtype
         self.stages, self.schedule = stages, schedule
+        for u in unets:
+            u.to(dtype=dtype)
+            if hasattr(u, "pack_ffn_moe_experts"):
+                u.pack_ffn_moe_experts()
         self.residency = ExpertResidency(unets, self.device, dtype, offload=offload)
         self.unets = self.residency.unets
         self.vae = vae.to(device=self.device, dtype=self.vae_dtype).eval().requires_grad_(False)
@@ -282,12 +163,6 @@ class MoESRPipeline:
         self.set_color_fix(color_fix)
         self.set_ffn_moe_routing(ffn_moe_routing)
         self.tiling = tiling or TilingConfig()
-        # Stacked FFN-MoE expert weights: kept between calls they save a copy per UNet call but
-        # cost ~74% of an expert's size. Default: only with offloading (one expert resident).
-        cache = offload if cache_ffn_moe is None else cache_ffn_moe
-        for u in self.unets:
-            if hasattr(u, "cache_ffn_moe_weights") and u.ffn_moe_layers():
-                u.cache_ffn_moe_weights(cache)
         #: the resolved pipeline config when built by ``moe_sr.build`` (for export)
         self.config: dict[str, Any] | None = None
 

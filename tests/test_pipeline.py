@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.unet.ffn_moe import packed_stack
 from moe_sr.pipeline import MoESRPipeline
+from moe_sr.residency import ALIGN, ExpertResidency, FlatLayout, module_tensors
 from moe_sr.stages import StageSchedule
 from moe_sr.tiling import (
     TiledDenoiser,
@@ -132,15 +134,86 @@ def test_offload_moves_experts_once_per_stage_and_changes_nothing(pipe):
 
 
 def test_offload_prefetches_the_next_stage():
-    from moe_sr.pipeline import ExpertResidency
-
     res = ExpertResidency(tiny_unets(), torch.device("cpu"), torch.float32, offload=True,
                           prefetch=True)  # fmt: skip
     staged = []
     for prev, new in [(None, 3), (3, 2), (2, 1), (1, 0), (0, 3)]:
         res.on_switch(prev, new)
-        staged.append(sorted(res._staged))
+        staged.append(res.staged())
     assert staged == [[2], [1], [0], [3], [2]] and res.switches == 5
+    res.on_switch(3, 1)  # not the prefetched one: copied at once, over the staged slot
+    assert res.active == 1 and res.staged() == [0] and res.switches == 6
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_offload_switches_reuse_fixed_slots_and_change_no_weight(prefetch):
+    """A switch copies one buffer into a slot allocated once; the active expert's tensors are
+    views of that slot, the others of their home buffers, all values unchanged."""
+    unets = tiny_unets()
+    for u in unets:
+        u.pack_ffn_moe_experts()
+    ref = [{k: v.clone() for k, v in u.state_dict().items()} for u in unets]
+    res = ExpertResidency(unets, torch.device("cpu"), torch.float32, offload=True,
+                          prefetch=prefetch)  # fmt: skip
+    homes = [{_storage(t) for t in module_tensors(u)} for u in unets]
+    assert all(len(h) == 1 for h in homes)  # one home buffer per expert
+    assert res.resident_bytes() == 0
+    slots = None
+    for prev, new in [(None, 3), (3, 2), (2, 1), (1, 0), (0, 3), (3, 2)]:
+        res.on_switch(prev, new)
+        now = [s.data_ptr() for s in res._slots if s is not None]
+        slots = slots or now
+        assert now == slots  # nothing allocated per switch
+        for k, u in enumerate(unets):
+            where = {_storage(t) for t in module_tensors(u)}
+            assert where <= set(slots) if k == new else where == homes[k], (new, k)
+            for name, v in u.state_dict().items():
+                assert torch.equal(v, ref[k][name]), (new, k, name)
+        layer = unets[new].ffn_moe_layers()[0]
+        assert packed_stack([b[0].weight for b in layer.moe_blocks]) is not None  # still packed
+    assert len(slots) == (2 if prefetch else 1)
+    packed = tiny_unets()[0]
+    packed.pack_ffn_moe_experts()
+    one = FlatLayout(module_tensors(packed)).nbytes
+    assert res.resident_bytes() == res.peak_resident_bytes == len(slots) * one
+
+
+def test_flat_layout_keeps_dtypes_strides_sharing_and_alignment():
+    base = torch.randn(6, 5)
+    shared = base[1:4, ::2]  # a strided view sharing base's storage
+    tensors = [base, torch.arange(7, dtype=torch.int64), shared, torch.zeros(0),
+               torch.ones(3, dtype=torch.float16), base.t()]  # fmt: skip
+    layout = FlatLayout(tensors)
+    flat = torch.empty(layout.nbytes, dtype=torch.uint8)
+    layout.fill(flat)
+    views = layout.views(flat)
+    for t, v in zip(tensors, views):
+        assert v.dtype == t.dtype and v.shape == t.shape and v.stride() == t.stride()
+        assert torch.equal(v, t)
+        assert _storage(v) == flat.data_ptr()
+        assert (v.data_ptr() - flat.data_ptr()) % ALIGN == 0 or v is views[2] or v.numel() == 0
+    views[0][1, 0] = 100.0  # the view of a view still shares memory with its base
+    assert views[2][0, 0] == 100.0 and views[5][0, 1] == 100.0
+    assert layout.nbytes % ALIGN == 0 and layout.nbytes < base.numel() * 4 + 4 * ALIGN + 64
+    with pytest.raises(ValueError, match="uint8 buffer"):
+        FlatLayout(tensors).fill(torch.empty(8, dtype=torch.uint8))
+
+
+def test_resident_experts_live_in_one_buffer_each_and_stay_packed(pipe):
+    for u in pipe.unets:
+        assert len({_storage(t) for t in module_tensors(u)}) == 1
+        layer = u.ffn_moe_layers()[0]
+        w1 = layer.stacked_weights()[0]
+        assert w1.data_ptr() == layer.moe_blocks[0][0].weight.data_ptr()  # no stacked copy
+    packed = tiny_unets()
+    for u in packed:
+        u.pack_ffn_moe_experts()
+    layouts = [FlatLayout(module_tensors(u)) for u in packed]
+    assert pipe.residency.resident_bytes() == sum(layout.nbytes for layout in layouts)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -148,8 +221,6 @@ def test_offload_prefetches_the_next_stage():
 def test_offload_keeps_one_expert_on_the_device(prefetch):
     """Only the active expert (and with prefetch the next one) is on the GPU; the others point
     at their pinned home copies, unchanged."""
-    from moe_sr.pipeline import ExpertResidency
-
     unets = tiny_unets()
     ref = [{k: v.clone() for k, v in u.state_dict().items()} for u in unets]
     res = ExpertResidency(
@@ -162,7 +233,7 @@ def test_offload_keeps_one_expert_on_the_device(prefetch):
     devices = [{p.device.type for p in u.parameters()} for u in unets]
     assert devices == [{"cpu"}, {"cpu"}, {"cuda"}, {"cpu"}]
     assert all(p.is_pinned() for p in unets[0].parameters())
-    one = sum(p.numel() * 4 for p in unets[2].parameters())
+    one = FlatLayout(module_tensors(tiny_unets()[2])).nbytes
     assert res.resident_bytes() == res.peak_resident_bytes == (2 if prefetch else 1) * one
     x = torch.randn(1, 6, 16, 16, device="cuda")
     t = torch.tensor([600], device="cuda")

@@ -12,6 +12,7 @@ import torch
 from ldm.config import instantiate, load_config
 from ldm.official import config_from_official
 from ldm.unet import FFNMoE, UNetModel, chunk_sizes, timestep_embedding
+from ldm.unet.ffn_moe import packed_stack
 from ldm.unet.layers import AttentionBlock
 
 PREFIX = "model.diffusion_model."
@@ -168,6 +169,53 @@ def test_stacked_weight_cache_follows_updates():
     with torch.no_grad():
         assert torch.equal(layer(x), b)
     assert not layer._cache
+
+
+def test_packed_experts_are_used_without_a_copy():
+    layer = _distinct_layer()
+    x = torch.randn(1, 16, 4, 5)  # 20 tokens, 5 experts
+    perm = torch.randperm(20)
+    names = [n for n, _ in layer.named_parameters()]
+    with torch.no_grad():
+        layer.set_routing("average")
+        ref_avg = layer(x)
+        layer.set_routing("fixed", perm=perm)
+        ref = layer(x)
+        assert packed_stack([b[0].weight for b in layer.moe_blocks]) is None  # separate tensors
+        layer.pack_experts()
+        assert [n for n, _ in layer.named_parameters()] == names
+        w1, b1, w2, b2 = layer.stacked_weights()
+        assert w1.data_ptr() == layer.moe_blocks[0][0].weight.data_ptr()  # a view, not a copy
+        assert torch.equal(w2[3], layer.moe_blocks[3][3].weight)
+        assert torch.equal(layer(x), ref)
+        # views cost no memory: kept even with the stack cache switched off
+        layer.cache_stacked_weights = False
+        layer.clear_cache()
+        layer(x)
+        assert "stacked" in layer._cache
+        # an in-place update of one expert is seen through the stack
+        layer.moe_blocks[2][3].bias.add_(1.0)
+        assert torch.equal(layer.stacked_weights()[3][2], layer.moe_blocks[2][3].bias)
+        layer.moe_blocks[2][3].bias.sub_(1.0)
+        layer.set_routing("average")
+        torch.testing.assert_close(layer(x), ref_avg, rtol=0, atol=1e-6)
+    # .double() allocates every parameter anew: unpacked, still correct
+    layer.double()
+    assert packed_stack([b[0].weight for b in layer.moe_blocks]) is None
+    with torch.no_grad():
+        layer.set_routing("fixed", perm=perm)
+        torch.testing.assert_close(layer(x.double()), ref.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_experts_train_like_separate_ones():
+    sep, packed = _distinct_layer().train(), _distinct_layer().train()
+    packed.pack_experts()
+    x = torch.randn(2, 16, 3, 7)
+    for layer in (sep, packed):
+        layer.set_routing("random", generator=torch.Generator().manual_seed(0))
+        layer(x).square().mean().backward()
+    for (name, a), b in zip(sep.named_parameters(), packed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_training_gradients_reach_every_routed_expert():

@@ -37,14 +37,23 @@ stacked into ``[E, ...]`` tensors:
 
 * with gradients enabled (training) they are stacked by ``torch.stack`` on every forward
   (differentiable; on a GPU the copy is small next to forward + backward);
-* without gradients (inference) the stack is cached and rebuilt only when an expert
-  parameter changes (in-place updates, ``load_state_dict``, ``.to()``). The cache costs one
-  extra copy of the expert weights (about 1.26 GB for a full-size fp32 expert UNet); set
+* without gradients (inference), after :meth:`FFNMoE.pack_experts`
+  (``UNetModel.pack_ffn_moe_experts()``, what the SR pipeline does) the experts' parameters are
+  slices of four stacked tensors, so the stack is a view: no copy and no extra memory;
+* without gradients and unpacked, the stack is cached and rebuilt only when an expert parameter
+  changes (in-place updates, ``load_state_dict``, ``.to()``). The cache costs one extra copy of
+  the expert weights (about 1.26 GB for a full-size fp32 expert UNet); set
   ``cache_stacked_weights = False`` (``UNetModel.cache_ffn_moe_weights(False)``) to trade it
   for a stack per forward, which is slow on the CPU (fresh 2x105 MB allocations per layer).
+
+Random routing draws its permutation on the CPU (as the release) and computes the token
+assignment there; one non-blocking copy moves it to the device, so a GPU forward does not wait
+for the host.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +71,44 @@ def chunk_sizes(num_tokens: int, num_experts: int) -> list[int]:
 def _params_key(params: list[torch.Tensor]) -> tuple:
     """Identity of a set of parameters: changes when any is replaced or modified in place."""
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+
+
+def packed_stack(group: list[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.stack(group)`` as a view (no copy) when the tensors lie back to back in one
+    storage, as :meth:`FFNMoE.pack_experts` leaves them; ``None`` otherwise."""
+    first = group[0]
+    n = first.numel()
+    if n == 0 or not first.is_contiguous():
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for e, p in enumerate(group):
+        if (
+            p.shape != first.shape
+            or p.dtype != first.dtype
+            or p.device != first.device
+            or not p.is_contiguous()
+            or p.untyped_storage().data_ptr() != storage
+            or p.storage_offset() != offset + e * n
+        ):
+            return None
+    return first.detach().as_strided((len(group), *first.shape), (n, *first.stride()), offset)
+
+
+@functools.lru_cache(maxsize=64)
+def _token_slots(num_tokens: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU index tensors of the ``[E, cap]`` slots (``cap = ceil(N / E)``), flattened: the
+    permuted position each slot serves, and the indices of the real slots (``None`` when
+    ``N % E == 0``). Chunk ``k``, the permuted positions ``[start_k, start_k + size_k)``, goes to
+    expert ``k``; the padding slots (at most one per expert) reuse a position. Read-only."""
+    q, r = divmod(num_tokens, num_experts)
+    cap = q + (1 if r else 0)
+    k = torch.arange(num_experts)
+    sizes = q + (k < r).long()
+    starts = k * q + torch.clamp(k, max=r)
+    j = torch.arange(cap)
+    pos = (starts[:, None] + j[None, :]).clamp(max=num_tokens - 1).flatten()
+    real = (j[None, :] < sizes[:, None]).flatten().nonzero().squeeze(1) if r else None
+    return pos, real
 
 
 class FFNMoE(nn.Module):
@@ -150,34 +197,54 @@ class FFNMoE(nn.Module):
         ]
 
     def _cached(self, name: str, build) -> tuple[torch.Tensor, ...]:
+        """``build(views_ok) -> (tensors, costs_memory)``, cached while the parameters stay the
+        same (no-grad only). Views of packed parameters cost nothing and are always kept."""
         params = [p for group in self._expert_params() for p in group]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return build()  # differentiable, never cached
+            return build(False)[0]  # differentiable, never cached
         key = _params_key(params)
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            value = build()
-        if name != "stacked" or self.cache_stacked_weights:
+            value, costs_memory = build(True)
+        if not costs_memory or name != "stacked" or self.cache_stacked_weights:
             self._cache[name] = (key, value)
         return value
 
+    def _stack(self, views_ok: bool) -> tuple[tuple[torch.Tensor, ...], bool]:
+        groups = self._expert_params()
+        if views_ok:
+            views = [packed_stack(g) for g in groups]
+            if all(v is not None for v in views):
+                return tuple(views), False  # type: ignore[arg-type]
+        return tuple(torch.stack(g) for g in groups), True
+
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w1 [E, 4C, C], b1 [E, 4C], w2 [E, C, 4C], b2 [E, C])``."""
-
-        def build() -> tuple[torch.Tensor, ...]:
-            return tuple(torch.stack(g) for g in self._expert_params())
-
-        return self._cached("stacked", build)  # type: ignore[return-value]
+        return self._cached("stacked", self._stack)  # type: ignore[return-value]
 
     def averaged_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The experts' parameters averaged into one FFN: ``(w1, b1, w2, b2)``."""
 
-        def build() -> tuple[torch.Tensor, ...]:
-            return tuple(torch.stack(g).mean(0) for g in self._expert_params())
+        def build(views_ok: bool) -> tuple[tuple[torch.Tensor, ...], bool]:
+            return tuple(w.mean(0) for w in self._stack(views_ok)[0]), True
 
         return self._cached("average", build)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def pack_experts(self) -> None:
+        """Store the experts' parameters as slices of four stacked tensors (values unchanged),
+        so inference uses the stack as a view: no copy, no cache. The parameters stay separate
+        ``nn.Parameter`` objects with the released names. ``.to()`` / ``.half()`` allocate
+        each parameter anew and undo the packing (call this again afterwards); safetensors
+        refuses shared storage, so save with ``ldm.checkpoint.save_pretrained`` (it copies)."""
+        for group in self._expert_params():
+            if packed_stack(group) is None:
+                stacked = torch.stack([p.detach() for p in group])
+                for e, p in enumerate(group):
+                    p.data = stacked[e]
+        self.clear_cache()
 
     def clear_cache(self) -> None:
         """Drop the cached stacked / averaged expert weights."""
@@ -195,7 +262,7 @@ class FFNMoE(nn.Module):
             return torch.randperm(num_tokens)
         return torch.randperm(num_tokens, generator=g, device=g.device)
 
-    def _permutation(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+    def _permutation(self, num_tokens: int) -> torch.Tensor:
         if self.routing == "fixed":
             perm = self.fixed_perm
             assert perm is not None
@@ -207,36 +274,28 @@ class FFNMoE(nn.Module):
         else:
             perm = self.draw_permutation(num_tokens)
         self.last_perm = perm
-        return perm.to(device)
+        return perm
 
     def _experts(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """Route tokens ``x`` [B, N, C] by ``perm``; return the expert outputs [B, N, C]."""
+        """Route tokens ``x`` [B, N, C] by ``perm`` [N] (any device); return the expert outputs
+        [B, N, C]. Index tensors are built where ``perm`` is and copied without a host sync."""
         b, n, c = x.shape
         e = self.num_experts
-        q, r = divmod(n, e)
-        cap = q + (1 if r else 0)  # slots per expert
-        dev = x.device
-        k = torch.arange(e, device=dev)
-        sizes = q + (k < r).long()
-        starts = k * q + torch.clamp(k, max=r)  # chunk k = permuted positions [start, start+size)
-        j = torch.arange(cap, device=dev)
-        valid = j[None, :] < sizes[:, None]  # [E, cap]
-        pos = (starts[:, None] + j[None, :]).clamp(max=n - 1)  # padding slots reuse a token
-        token = perm[pos]  # [E, cap]: original token index served by each slot
-        xs = x[:, token.flatten()]  # [B, E*cap, C]
+        cap = -(-n // e)  # slots per expert
+        pos, real = _token_slots(n, e)
+        token = perm[pos.to(perm.device)]  # [E*cap]: original token index served by each slot
+        xs = x[:, token.to(x.device, non_blocking=True)]  # [B, E*cap, C]
         xs = xs.view(b, e, cap, c).transpose(0, 1).reshape(e, b * cap, c)
         w1, b1, w2, b2 = self.stacked_weights()
         h = torch.baddbmm(b1.unsqueeze(1), xs, w1.transpose(1, 2))
         h = F.dropout(F.gelu(h), p=self.dropout, training=self.training)
         ys = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # [E, B*cap, C]
         ys = ys.view(e, b, cap, c).transpose(0, 1).reshape(b, e * cap, c)
-        if r:
-            keep = valid.flatten()
-            ys, token = ys[:, keep], token.flatten()[keep]
-        else:
-            token = token.flatten()
+        if real is not None:  # drop the padding slots
+            ys = ys.index_select(1, real.to(x.device, non_blocking=True))
+            token = token[real.to(token.device)]
         out = torch.empty_like(ys)
-        out[:, token] = ys  # undo the permutation
+        out[:, token.to(x.device, non_blocking=True)] = ys  # undo the permutation
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,5 +308,5 @@ class FFNMoE(nn.Module):
                 F.dropout(F.gelu(F.linear(feat, w1, b1)), self.dropout, self.training), w2, b2
             )
         else:
-            y = self._experts(feat, self._permutation(h * w, x.device))
+            y = self._experts(feat, self._permutation(h * w))
         return x + y.transpose(1, 2).reshape(b, c, h, w)

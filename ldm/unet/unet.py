@@ -219,6 +219,12 @@ class UNetModel(nn.Module):
         """The permutation each FFN-MoE layer used in the last forward (``None`` if none)."""
         return [layer.last_perm for layer in self.ffn_moe_layers()]
 
+    def pack_ffn_moe_experts(self) -> None:
+        """Lay out every FFN-MoE layer's expert parameters as slices of stacked tensors so that
+        inference uses them without a copy or a cache (see :meth:`FFNMoE.pack_experts`)."""
+        for layer in self.ffn_moe_layers():
+            layer.pack_experts()
+
     def cache_ffn_moe_weights(self, enabled: bool = True) -> None:
         """Keep the stacked expert weights between no-grad forwards (default on).
 
