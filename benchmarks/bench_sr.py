@@ -5,19 +5,27 @@ VQ-f4 (``fa_vae/vq_f4_fa``), one 64x64 LR image -> 512x512 output, a few DDIM st
 policy runs in its own subprocess, so peak memory is measured cleanly:
 
 * ``resident``: all four experts on the device;
-* ``offload``: only the active expert on the device, the others on the CPU (3 switches/image).
+* ``offload``: only the active expert on the device, the others on the CPU (3 switches/image),
+  the next expert copied ahead on a side stream (CUDA);
+* ``offload-noprefetch``: the same, each expert copied when its stage starts.
 
-Reports time per DDIM step, FA-VAE decode time, the expert-switch cost, peak memory (CUDA:
-``max_memory_allocated``; CPU: peak RSS) and the resident weight bytes against the release's
-~14.6 GB (four 3.65 GB stage files, each holding raw + EMA UNets and an unused first stage).
+Reports time per DDIM step (overall and the median per stage), FA-VAE decode time, the
+expert-switch cost (host time in the switch hook, and the sampling time against ``resident``),
+peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS) and the resident weight bytes against
+the release's ~14.6 GB (four 3.65 GB stage files, each holding raw + EMA UNets and an unused
+first stage). On CUDA the step times are read from CUDA events (the GPU timeline; the bench adds
+no synchronisation) after a warm-up image of ``--warmup-steps`` steps; ``--profile PREFIX``
+also writes a torch.profiler trace and op table of the measured image per policy.
 
     python benchmarks/bench_sr.py                       # CPU, 4 steps (slow: minutes)
-    python benchmarks/bench_sr.py --device cuda --steps 200 --dtype fp16 --vae-fp32
+    python benchmarks/bench_sr.py --device cuda --steps 200 --dtype fp16 --vae-fp32 \
+        --policies resident offload offload-noprefetch
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -79,31 +87,55 @@ def run_policy(args: argparse.Namespace) -> dict:
         device=device,
         dtype=DTYPES[args.dtype],
         vae_dtype=torch.float32 if args.vae_fp32 else None,
-        offload=args.policy == "offload",
+        offload=args.policy.startswith("offload"),
+        prefetch=False if args.policy == "offload-noprefetch" else None,
         ffn_moe_routing=args.routing,
         steps=args.steps,
         tiling=TilingConfig(mode="off"),
     )
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    lr = torch.rand(3, args.lr_size, args.lr_size)
+    warmup = args.warmup_steps if args.warmup_steps is not None else (4 if cuda else 0)
+    if warmup:  # first-call costs (kernel loading, allocator growth) out of the measurement
+        pipe(lr, steps=warmup)
+        pipe.residency.switches, pipe.residency.switch_seconds = 0, 0.0
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    lr = torch.rand(3, args.lr_size, args.lr_size)
-    step_times: list[float] = []
-    last = [time.perf_counter()]
+    marks: list[tuple[int, float, object]] = []  # per step: stage, host clock, CUDA event
 
-    def on_step(*_: object) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        step_times.append(now - last[0])
-        last[0] = now
+    def on_step(i: int, t: int, *_: object) -> None:
+        event = None
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        marks.append((int(pipe.stages.stage_of(t)), time.perf_counter(), event))
 
     resident_before = pipe.resident_weight_bytes()
     _reset_peak_rss()  # measure the SR call, not the model construction
+    profiler = _profiler(cuda) if args.profile else contextlib.nullcontext()
+    start_event = torch.cuda.Event(enable_timing=True) if cuda else None
+    if start_event is not None:
+        start_event.record()
     t0 = time.perf_counter()
-    last[0] = t0
-    result = pipe(lr, callback=on_step)
+    with profiler as prof:
+        result = pipe(lr, callback=on_step)
+    if cuda:
+        torch.cuda.synchronize()
     total = time.perf_counter() - t0
+    if args.profile:
+        _write_profile(prof, f"{args.profile}_{args.policy}_{args.dtype}", cuda)
+    step_times = []
+    prev_clock, prev_event = t0, start_event
+    for _, clock, event in marks:
+        if cuda:
+            step_times.append(prev_event.elapsed_time(event) / 1e3)  # type: ignore[union-attr]
+        else:
+            step_times.append(clock - prev_clock)
+        prev_clock, prev_event = clock, event
+    per_stage: dict[int, list[float]] = {}
+    for (stage, _, _), dt in zip(marks, step_times):
+        per_stage.setdefault(stage, []).append(dt)
     res = pipe.residency
     sample_s = result.timings["sample"]
     out = {
@@ -118,7 +150,11 @@ def run_policy(args: argparse.Namespace) -> dict:
         "sample_s": sample_s,
         "decode_s": result.timings["decode"],
         "step_s_mean": sum(step_times) / len(step_times),
-        "step_s_median": sorted(step_times)[len(step_times) // 2],
+        "step_s_median": _median(step_times),
+        "step_s_median_per_stage": {k: _median(v) for k, v in sorted(per_stage.items())},
+        "step_clock": "cuda events" if cuda else "host",
+        "warmup_steps": warmup,
+        "prefetch": pipe.residency.prefetch,
         "switches": res.switches,
         "switch_s_total": res.switch_seconds,
         "switch_share": res.switch_seconds / sample_s if sample_s else 0.0,
@@ -128,6 +164,26 @@ def run_policy(args: argparse.Namespace) -> dict:
         "peak_rss_bytes": _peak_rss(),
     }
     return out
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2] if xs else float("nan")
+
+
+def _profiler(cuda: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    return profile(activities=acts, record_shapes=False)
+
+
+def _write_profile(prof, prefix: str, cuda: bool) -> None:
+    """``PREFIX.json`` (chrome trace) and ``PREFIX.txt`` (ops by self device/CPU time)."""
+    prof.export_chrome_trace(prefix + ".json")
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(prefix + ".txt", "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
 
 
 def _gb(x: float | None) -> str:
@@ -142,23 +198,27 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "",
-        "| policy | s/step (mean) | s/step (median) | sampling s | vs resident | FA-VAE decode s"
-        " | switches | switch s (host, total) | switch / sampling | peak device mem |"
-        " peak RSS (SR call) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | s/step (mean) | s/step (median) | median per stage | sampling s | vs resident"
+        " | FA-VAE decode s | switches | switch s (host, total) | switch / sampling |"
+        " peak device mem | peak RSS (SR call) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = next((r["sample_s"] for r in rows if r["policy"] == "resident"), None)
     for r in rows:
         rel = f"{100 * (r['sample_s'] / base - 1):+.1f} %" if base else "-"
+        per_stage = r["step_s_median_per_stage"]
+        stages = " / ".join(f"{per_stage[k]:.3f}" for k in sorted(per_stage, key=int, reverse=True))
         lines.append(
             f"| {r['policy']} | {r['step_s_mean']:.3f} | {r['step_s_median']:.3f} | "
-            f"{r['sample_s']:.2f} | {rel} | {r['decode_s']:.2f} | {r['switches']} | "
+            f"{stages} | {r['sample_s']:.2f} | {rel} | {r['decode_s']:.2f} | {r['switches']} | "
             f"{r['switch_s_total']:.3f} | {100 * r['switch_share']:.2f} % | "
             f"{_gb(r['peak_cuda_bytes'])} | {_gb(r['peak_rss_bytes'])} |"
         )
     lines.append(
-        "\n(switch s: host time inside the router's switch hook; with CUDA prefetching the copy "
-        "runs on a side stream, so the real cost is the sampling-time difference vs resident.)"
+        "\n(step times: " + rows[0]["step_clock"] + f"; warm-up image of {rows[0]['warmup_steps']} "
+        "steps first; median per stage from the last stage to stage 0. switch s: host time inside "
+        "the router's switch hook; with CUDA prefetching the copy runs on a side stream, so the "
+        "real cost is the sampling-time difference vs resident.)"
     )
     lines += [
         "",
@@ -183,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-fp32", action="store_true", help="keep the FA-VAE in float32")
     p.add_argument("--lr-size", type=int, default=64, help="LR side (output is 8x)")
     p.add_argument("--routing", choices=["random", "average"], default="random")
-    p.add_argument("--policies", nargs="+", default=["resident", "offload"])
+    p.add_argument("--policies", nargs="+", default=["resident", "offload"],
+                   choices=["resident", "offload", "offload-noprefetch"])  # fmt: skip
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of a warm-up image before the measured one (default: 4 on CUDA, "
+                   "0 on the CPU)")  # fmt: skip
+    p.add_argument("--profile", metavar="PREFIX",
+                   help="write PREFIX_<policy>_<dtype>.json/.txt torch.profiler files")  # fmt: skip
     p.add_argument("--policy", help=argparse.SUPPRESS)  # internal: run one policy, print JSON
     p.add_argument("--json", help="also write the measurements to this JSON file")
     args = p.parse_args(argv)
@@ -195,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--policy", policy, "--device", args.device,
                "--steps", str(args.steps), "--dtype", args.dtype, "--lr-size", str(args.lr_size),
                "--routing", args.routing] + (["--vae-fp32"] if args.vae_fp32 else [])  # fmt: skip
+        if args.warmup_steps is not None:
+            cmd += ["--warmup-steps", str(args.warmup_steps)]
+        if args.profile:
+            cmd += ["--profile", args.profile]
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if res.returncode != 0:
             sys.stderr.write(res.stderr[-4000:])

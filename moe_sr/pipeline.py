@@ -105,6 +105,8 @@ class MoESRPipeline:
         vae_dtype: FA-VAE precision (default: ``dtype``; pass ``torch.float32`` to keep the VAE
             in full precision under a half-precision UNet).
         offload: keep only the active expert on ``device`` (the others on the CPU).
+        prefetch: with ``offload``, copy the next stage's expert ahead on a side stream
+            (default: on for CUDA; see :class:`~moe_sr.residency.ExpertResidency`).
         ffn_moe_routing: ``"random"`` (released; seeded per image) or ``"average"``.
         steps, eta, seed, color_fix: sampler and post-processing defaults (released values).
         tiling: a :class:`~moe_sr.tiling.TilingConfig` (default: automatic above 128 latent px).
@@ -125,6 +127,7 @@ class MoESRPipeline:
         dtype: torch.dtype = torch.float32,
         vae_dtype: torch.dtype | None = None,
         offload: bool = False,
+        prefetch: bool | None = None,
         ffn_moe_routing: str = "random",
         steps: int = 200,
         eta: float = 1.0,
@@ -149,7 +152,9 @@ class MoESRPipeline:
             u.to(dtype=dtype)
             if hasattr(u, "pack_ffn_moe_experts"):
                 u.pack_ffn_moe_experts()
-        self.residency = ExpertResidency(unets, self.device, dtype, offload=offload)
+        self.residency = ExpertResidency(
+            unets, self.device, dtype, offload=offload, prefetch=prefetch
+        )
         self.unets = self.residency.unets
         self.vae = vae.to(device=self.device, dtype=self.vae_dtype).eval().requires_grad_(False)
         self.router = TimestepRouter(
