@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import typing
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -72,21 +74,116 @@ def read_state_dict(
             f"{path} is not a PyTorch checkpoint (first bytes {head!r}; expected a zip "
             "archive or a pickle): check the file name, or re-download it"
         )
+    obj = load_torch_file(path, map_location=map_location, mmap=_can_mmap(path))
+    return unwrap_state_dict(obj, source=str(path))
+
+
+#: Module prefixes of objects that training frameworks pickle next to the weights (Lightning
+#: callbacks and loop state, OmegaConf hyper-parameters, numpy scalars in callback states).
+BOOKKEEPING_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.",
+                        "numpy.")  # fmt: skip
+#: Harmless builtins such objects refer to (types used as values, plain containers).
+_PLAIN_GLOBALS: dict[str, Any] = {
+    f"builtins.{t.__name__}": t
+    for t in (list, dict, tuple, set, frozenset, int, float, complex, str, bytes, bool, slice)
+}
+_PLAIN_GLOBALS.update({
+    "collections.defaultdict": collections.defaultdict,
+    "collections.OrderedDict": collections.OrderedDict,
+    "typing.Any": typing.Any,
+})  # fmt: skip
+
+
+class IgnoredObject:
+    """Inert stand-in for a pickled training-framework object: accepts any construction and
+    state, keeps nothing and runs no code of the original class."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> IgnoredObject:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<ignored {type(self).__name__}>"
+
+
+def load_torch_file(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> Any:
+    """``torch.load(path, weights_only=True)`` that also opens training checkpoints.
+
+    Lightning checkpoints may pickle callback classes, OmegaConf hyper-parameters or numpy
+    scalars next to the weights, which ``weights_only`` refuses. When every unsupported global
+    of the file belongs to :data:`BOOKKEEPING_PREFIXES` (or is a plain builtin type), the file
+    is read again with each such object replaced by an inert :class:`IgnoredObject`; nothing of
+    those packages is imported or run. Any other global is refused with a one-line
+    :class:`CheckpointError` naming it.
+    """
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=_can_mmap(path))
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from None
+        if "Unsupported global" not in str(err):
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+        first_error: Exception = err
     except Exception as err:  # pickle.UnpicklingError and friends
-        detail = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
+        first_error = err
+    names = _unsupported_globals(path)
+    foreign = [
+        n for n in names if n not in _PLAIN_GLOBALS and not n.startswith(BOOKKEEPING_PREFIXES)
+    ]
+    if not names or foreign:
+        shown = (
+            ", ".join(foreign) if foreign else _first_line_with(first_error, "Unsupported global")
+        )
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and plain containers; "
             "refusing to unpickle them (torch.load weights_only=True). Re-export it as a "
-            f"state dict or safetensors{' (' + detail[0] + ')' if detail else ''}"
+            f"state dict or safetensors{' (' + shown + ')' if shown else ''}"
         ) from None
-    return unwrap_state_dict(obj, source=str(path))
+    stand_ins = [
+        (_PLAIN_GLOBALS[n], n) if n in _PLAIN_GLOBALS
+        else (type(n.rsplit(".", 1)[-1], (IgnoredObject,), {}), n)
+        for n in names
+    ]  # fmt: skip
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(
+            f"{path} could not be read even with its training objects ignored: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    ignored = sorted(n for n in names if n not in _PLAIN_GLOBALS)
+    logger.info("%s: read the tensors; ignored pickled objects of %s", path, ", ".join(ignored))
+    return obj
+
+
+def _unsupported_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - legacy (non-zip) pickles cannot be listed
+        return []
+
+
+def _first_line_with(err: Exception, needle: str) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if needle in ln), "")
 
 
 def _can_mmap(path: Path) -> bool:

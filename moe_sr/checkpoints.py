@@ -44,6 +44,7 @@ from torch import nn
 from ldm.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
+    load_torch_file,
     mismatch_message,
     read_safetensors_metadata,
     save_pretrained,
@@ -168,11 +169,7 @@ def _open_mmap(path: Path) -> Mapping[str, torch.Tensor]:
             f"{path} is not a PyTorch zip checkpoint (truncated download or another format?); "
             f"expected a released moe_stage*.ckpt (3,650,066,050 bytes) or a .safetensors export"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} could not be loaded (weights_only=True): {msg}") from None
+    obj = load_torch_file(path, map_location="cpu", mmap=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # a Lightning checkpoint of the same model
     if not isinstance(obj, Mapping):

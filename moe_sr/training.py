@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_state_dict_strict
+from ldm.checkpoint import CheckpointError, load_state_dict_strict, load_torch_file
 from ldm.config import ConfigError, instantiate
 from ldm.registry import register
 from moe_sr.checkpoints import save_expert
@@ -93,12 +93,7 @@ class LDMSR4xToExpertKeyMap:
 def _load_lightning_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointError(
-            f"{path} could not be loaded safely (weights_only=True): {str(err).splitlines()[0]}"
-        ) from None
+    return load_torch_file(path, map_location="cpu")
 
 
 def export_stage_expert(
@@ -118,7 +113,7 @@ def export_stage_expert(
     ckpt = Path(ckpt)
     obj = _load_lightning_checkpoint(ckpt)
     hp = obj.get("hyper_parameters") or {}
-    if "unet" not in hp or "state_dict" not in obj:
+    if not isinstance(hp, Mapping) or "unet" not in hp or "state_dict" not in obj:
         raise CheckpointError(
             f"{ckpt} is not a diffusion_sr training checkpoint (no hyper_parameters.unet / "
             "state_dict)"

@@ -189,6 +189,74 @@ def test_pickled_object_is_refused_without_unpickling(tmp_path):
     _one_line(err.value)
 
 
+def _class_in_fake_module(monkeypatch, qualified: str, ran: list) -> type:
+    """A class importable as ``qualified`` only while the test saves (the loader never has it)."""
+    import importlib.util
+    import sys
+    import types
+
+    module_name, name = qualified.rsplit(".", 1)
+    parts = module_name.split(".")
+    for i in range(1, len(parts)):  # parent packages that are not installed
+        parent = ".".join(parts[:i])
+        if parent not in sys.modules and importlib.util.find_spec(parent) is None:
+            monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    module = types.ModuleType(module_name)
+
+    def setstate(self, state):
+        ran.append(qualified)  # would mean the original class ran while loading
+
+    cls = type(name, (), {"__module__": module_name, "__setstate__": setstate})
+    module.__dict__[name] = cls
+    monkeypatch.setitem(sys.modules, module_name, module)
+    return cls
+
+
+def test_lightning_bookkeeping_objects_are_ignored_not_run(tmp_path, monkeypatch):
+    """A Lightning checkpoint pickling callback classes, OmegaConf hyper-parameters and numpy
+    values next to the weights loads its tensors without importing or running any of them."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    ran: list = []
+    callback = _class_in_fake_module(
+        monkeypatch, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", ran
+    )
+    obj = callback()
+    obj.__dict__["state"] = 1
+    sd = {"encoder.weight": torch.randn(3, 2), "step": torch.tensor(7)}
+    ckpt = {
+        "state_dict": sd,
+        "callbacks": {callback: {"best_model_score": np.float64(0.5), "k": np.zeros(3)}},
+        "loops": {"fit": obj},
+        "hyper_parameters": OmegaConf.create({"lr": 1e-4, "unet": {"ch": [1, 2]}}),
+    }
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    monkeypatch.undo()  # the fake lightning module is gone when loading, as on a user's machine
+    got = read_state_dict(path)
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert ran == []
+
+
+def test_unknown_pickled_class_is_still_refused(tmp_path, monkeypatch):
+    ran: list = []
+    payload = _class_in_fake_module(monkeypatch, "somepkg.payload.Run", ran)
+    callback = _class_in_fake_module(
+        monkeypatch, "pytorch_lightning.callbacks.early_stopping.EarlyStopping", ran
+    )
+    p = payload()
+    p.__dict__["cmd"] = "x"
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "callbacks": {callback: p}}, path)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"somepkg\.payload\.Run") as err:
+        read_state_dict(path)
+    assert "EarlyStopping" not in str(err.value)  # only the refused global is named
+    _one_line(err.value)
+    assert ran == []
+
+
 #: ``model.params`` of latent-diffusion's models/first_stage_models/vq-f4/config.yaml
 LDM_VQ_F4_PARAMS = {
     "embed_dim": 3,
