@@ -194,7 +194,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"8x SR, full-size random weights, LR {args.lr_size}x{args.lr_size} -> "
         f"{8 * args.lr_size}x{8 * args.lr_size}, {args.steps} DDIM steps, UNet {args.dtype}, "
-        f"FFN-MoE routing {args.routing}; {platform.processor() or platform.machine()}, "
+        f"FFN-MoE routing {args.routing}, median of {args.repeats} run(s) per policy; "
+        f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "",
@@ -216,7 +217,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         )
     lines.append(
         "\n(step times: " + rows[0]["step_clock"] + f"; warm-up image of {rows[0]['warmup_steps']} "
-        "steps first; median per stage from the last stage to stage 0. switch s: host time inside "
+        "steps first; median per stage from the last stage to stage 0; sampling s of every run in "
+        "the JSON. switch s: host time inside "
         "the router's switch hook; with CUDA prefetching the copy runs on a side stream, so the "
         "real cost is the sampling-time difference vs resident.)"
     )
@@ -245,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routing", choices=["random", "average"], default="random")
     p.add_argument("--policies", nargs="+", default=["resident", "offload"],
                    choices=["resident", "offload", "offload-noprefetch"])  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per policy (interleaved); the run with the median sampling time "
+                   "is reported")  # fmt: skip
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="steps of a warm-up image before the measured one (default: 4 on CUDA, "
                    "0 on the CPU)")  # fmt: skip
@@ -256,20 +261,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy:
         print(json.dumps(run_policy(args)))
         return 0
+    runs: dict[str, list[dict]] = {policy: [] for policy in args.policies}
+    for _ in range(args.repeats):  # policies interleaved, so slow phases of a shared machine
+        for policy in args.policies:  # hit all of them alike
+            cmd = [sys.executable, __file__, "--policy", policy, "--device", args.device,
+                   "--steps", str(args.steps), "--dtype", args.dtype,
+                   "--lr-size", str(args.lr_size), "--routing", args.routing]  # fmt: skip
+            cmd += ["--vae-fp32"] if args.vae_fp32 else []
+            if args.warmup_steps is not None:
+                cmd += ["--warmup-steps", str(args.warmup_steps)]
+            if args.profile:
+                cmd += ["--profile", args.profile]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            if res.returncode != 0:
+                sys.stderr.write(res.stderr[-4000:])
+                return 1
+            runs[policy].append(json.loads(res.stdout.strip().splitlines()[-1]))
     rows = []
-    for policy in args.policies:
-        cmd = [sys.executable, __file__, "--policy", policy, "--device", args.device,
-               "--steps", str(args.steps), "--dtype", args.dtype, "--lr-size", str(args.lr_size),
-               "--routing", args.routing] + (["--vae-fp32"] if args.vae_fp32 else [])  # fmt: skip
-        if args.warmup_steps is not None:
-            cmd += ["--warmup-steps", str(args.warmup_steps)]
-        if args.profile:
-            cmd += ["--profile", args.profile]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        if res.returncode != 0:
-            sys.stderr.write(res.stderr[-4000:])
-            return 1
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    for results in runs.values():  # the run with the median sampling time
+        ranked = sorted(results, key=lambda r: r["sample_s"])
+        row = dict(ranked[len(ranked) // 2])
+        row["sample_s_runs"] = [r["sample_s"] for r in results]
+        rows.append(row)
     text = report(rows, args)
     print(text)
     if args.json:

@@ -1,6 +1,7 @@
 """Reading and writing weights: Lightning ``.ckpt``, plain ``.pth``/``.pt``, ``.safetensors``.
 
-* Files are never fully unpickled: ``torch.load(..., weights_only=True)``.
+* Files are never fully unpickled: ``torch.load(..., weights_only=True)``; objects that
+  Lightning pickles next to the weights become inert stand-ins (:func:`load_torch_file`).
 * Loading is strict. A mismatch raises :class:`CheckpointMismatchError`, which
   lists missing, unexpected and wrong-shape keys (shortened) and names the preset
   the file most likely belongs to.

@@ -145,6 +145,11 @@ class MoESRPipeline:
         self.device = resolve_device(device)
         if dtype == torch.float16 and self.device.type == "cpu":
             logger.warning("float16 on the CPU is slow and not always supported; use bfloat16")
+        if offload and self.device.type == "cpu":
+            logger.warning(
+                "offload on the CPU saves no memory (the experts' home is the same RAM) and costs "
+                "one copy per stage change; leave it off unless you test the offload path"
+            )
         self.dtype = dtype
         self.vae_dtype = vae_dtype or dtype
         self.stages, self.schedule = stages, schedule
