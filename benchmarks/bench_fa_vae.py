@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 
+from ldm.device import resolve_device
+
 CASES = ("vq_plain", "vq_fa", "kl_plain", "kl_fa", "afno", "unet_aff")
 LABELS = {
     "vq_plain": "VQ-f4 decode, plain decoder",
@@ -139,7 +141,7 @@ def _table(results: dict[str, dict], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(resolve_device(None)))
     parser.add_argument("--size", type=int, default=512, help="output height and width")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=None, help="default: 2 on CUDA, 0 on CPU")
