@@ -2,9 +2,10 @@
 # The GPU checks of this project in one run (a GPU machine is lent only now and then):
 #   1. the tests that need CUDA (offload slots, half precision, txt2img on the GPU),
 #   2. bench_sr at full size: resident vs offload (prefetch on / off), fp16, 200 steps,
-#   3. the same with torch.profiler traces of the offloaded run (for a slow-step diagnosis).
+#   3. the same with torch.profiler traces of the offloaded run (for a slow-step diagnosis),
+#   4. bench_unet fp16 (cached / per-forward / packed FFN-MoE experts).
 # Usage: bash benchmarks/gpu_checks.sh OUT_DIR [STEPS]
-# Writes OUT_DIR/{tests.log, bench_sr_fp16.{log,json}, profile_*}. Needs the package installed
+# Writes OUT_DIR/{tests.log, bench_sr_fp16.{log,json}, profile_*, bench_unet_fp16.log}. Needs the package installed
 # (`make install`, or `pip install -e .` on a machine that already has torch).
 set -euo pipefail
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [STEPS]}
@@ -27,3 +28,6 @@ echo "== profiles (20 steps)"
 "$py" benchmarks/bench_sr.py --device cuda --steps 20 --dtype fp16 --vae-fp32 \
     --policies resident offload --profile "$out/profile" > "$out/profile_table.log"
 tail -n +1 "$out"/profile_*.txt | head -60
+
+echo "== bench_unet fp16"
+"$py" benchmarks/bench_unet.py --device cuda --dtype float16 --repeats 10 | tee "$out/bench_unet_fp16.log"
