@@ -198,6 +198,7 @@ class ExpertResidency:
         nxt = self.next_stage(new)
         if self.prefetch and nxt != new and nxt not in self._owner:
             target = self._free_slot()
+            self._allocate(target)  # before the wait below, so the new memory is covered too
             if self._stream is not None:
                 # the copy must wait for every kernel already queued that reads the slot
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -218,9 +219,12 @@ class ExpertResidency:
         if event is not None:  # GPU side: the compute stream waits for the side-stream copy
             torch.cuda.current_stream(self.device).wait_event(event)
 
-    def _copy(self, k: int, slot: int, stream: Any) -> None:
-        if self._slots[slot] is None:
+    def _allocate(self, slot: int) -> None:
+        if self._slots[slot] is None:  # once per slot, on the compute stream
             self._slots[slot] = torch.empty(self._slot_bytes, dtype=torch.uint8, device=self.device)
+
+    def _copy(self, k: int, slot: int, stream: Any) -> None:
+        self._allocate(slot)
         home = self._home_flat[k]
         dst = self._slots[slot][: home.numel()]  # type: ignore[index]
         if stream is None:
