@@ -180,7 +180,7 @@ def _profiler(cuda: bool):
 def _write_profile(prof, prefix: str, cuda: bool) -> None:
     """``PREFIX.json`` (chrome trace) and ``PREFIX.txt`` (ops by self device/CPU time)."""
     prof.export_chrome_trace(prefix + ".json")
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     with open(prefix + ".txt", "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
