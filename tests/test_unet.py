@@ -398,3 +398,18 @@ def test_preset_guesser_names_unet_files():
             sd = instantiate(load_config(preset)).state_dict()
         assert guess_preset(sd) == preset
         assert guess_preset({PREFIX + k: v for k, v in sd.items()}) == preset
+
+
+def test_packed_unet_saves_and_loads(tmp_path):
+    """Packed experts share storage, which safetensors refuses: save_pretrained copies them."""
+    from ldm.checkpoint import load_pretrained, save_pretrained
+
+    cfg = load_config("unet/sr8x_expert_tiny")
+    torch.manual_seed(0)
+    model = instantiate(cfg).eval()
+    model.pack_ffn_moe_experts()
+    path = save_pretrained(model, tmp_path / "unet.safetensors", cfg)
+    loaded = load_pretrained(path)
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
