@@ -344,25 +344,11 @@ def save_pretrained(
     meta = {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: json.dumps(config, sort_keys=True)}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies of the tensors that share a storage (safetensors refuses shared memory, e.g. the
-    packed FFN-MoE experts or weights held in one flat buffer); the others unchanged."""
-    users: dict[int, int] = {}
-    for v in tensors.values():
-        if v.numel():
-            ptr = v.untyped_storage().data_ptr()
-            users[ptr] = users.get(ptr, 0) + 1
-    return {
-        k: v.clone() if v.numel() and users[v.untyped_storage().data_ptr()] > 1 else v
-        for k, v in tensors.items()
-    }
 
 
 def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:

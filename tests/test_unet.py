@@ -400,14 +400,20 @@ def test_preset_guesser_names_unet_files():
         assert guess_preset({PREFIX + k: v for k, v in sd.items()}) == preset
 
 
-def test_packed_unet_saves_and_loads(tmp_path):
-    """Packed experts share storage, which safetensors refuses: save_pretrained copies them."""
+@pytest.mark.parametrize("layout", ["packed", "flat buffer"])
+def test_unet_with_shared_storage_saves_and_loads(tmp_path, layout):
+    """Packed experts, or all weights in one flat buffer (the SR pipeline's residency), share a
+    storage without overlapping: save_pretrained writes every tensor, load gives them back."""
     from ldm.checkpoint import load_pretrained, save_pretrained
+    from moe_sr.residency import ExpertResidency
 
     cfg = load_config("unet/sr8x_expert_tiny")
     torch.manual_seed(0)
     model = instantiate(cfg).eval()
     model.pack_ffn_moe_experts()
+    if layout == "flat buffer":
+        ExpertResidency([model], torch.device("cpu"), torch.float32)
+        assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
     path = save_pretrained(model, tmp_path / "unet.safetensors", cfg)
     loaded = load_pretrained(path)
     want = model.state_dict()
