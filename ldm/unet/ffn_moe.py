@@ -237,8 +237,8 @@ class FFNMoE(nn.Module):
         """Store the experts' parameters as slices of four stacked tensors (values unchanged),
         so inference uses the stack as a view: no copy, no cache. The parameters stay separate
         ``nn.Parameter`` objects with the released names. ``.to()`` / ``.half()`` allocate
-        each parameter anew and undo the packing (call this again afterwards); safetensors
-        refuses shared storage, so save with ``ldm.checkpoint.save_pretrained`` (it copies)."""
+        each parameter anew and undo the packing (call this again afterwards). Saving is
+        unaffected (``state_dict`` has every expert's tensor; ``save_pretrained`` writes each)."""
         for group in self._expert_params():
             if packed_stack(group) is None:
                 stacked = torch.stack([p.detach() for p in group])
