@@ -325,3 +325,82 @@ def test_auto_tiling_thresholds():
     assert cfg.use_vae_tiles(8, 65) and not TilingConfig(mode="off").use_vae_tiles(999, 999)
     with pytest.raises(ValueError, match="overlap"):
         TilingConfig(latent_tile=16, latent_overlap=16)
+
+
+def test_prefetch_stream_ordering_with_fake_cuda_streams(monkeypatch):
+    """The CUDA-only ordering of the offload prefetch, checked on the CPU with recording fakes
+    of the stream API: a side-stream copy starts only after the compute stream's queued work
+    (wait_stream) and never into the active expert's slot, and the compute stream waits for the
+    event of exactly the copy whose slot it switches to."""
+    log: list[tuple] = []
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self, *a, **k):
+            FakeEvent.count += 1
+            self.id = FakeEvent.count
+
+        def record(self, stream):
+            log.append(("record", stream.name, self.id))
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait_stream", self.name, other.name))
+
+        def wait_event(self, event):
+            log.append(("wait_event", self.name, event.id))
+
+    compute, side = FakeStream("compute"), FakeStream("side")
+    current = [compute]
+
+    class use_stream:  # noqa: N801 - stands in for torch.cuda.stream
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            log.append(("enter", self.stream.name))
+            current.append(self.stream)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", use_stream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    res = ExpertResidency(tiny_unets(), torch.device("cpu"), torch.float32, offload=True,
+                          prefetch=True)  # fmt: skip
+    res._stream = side  # what a CUDA device gets
+    slot_of_event: dict[int, int] = {}
+    real_copy = res._copy
+
+    def copy(k, slot, stream):
+        log.append(("copy", k, slot, "compute" if stream is None else stream.name))
+        real_copy(k, slot, stream)
+        if stream is not None:
+            slot_of_event[res._ready[slot].id] = slot
+
+    monkeypatch.setattr(res, "_copy", copy)
+    for prev, new in [(None, 3), (3, 2), (2, 1), (1, 0), (0, 3), (3, 1)]:
+        staged_before = res.staged()
+        pending = {s: e.id for s, e in enumerate(res._ready) if e is not None}
+        log.clear()
+        res.on_switch(prev, new)
+        slot = res._owner.index(new)
+        waits = [x for x in log if x[0] == "wait_event"]
+        copies = [x for x in log if x[0] == "copy"]
+        if new in staged_before:  # prefetched: wait for exactly that copy, copy nothing now
+            assert [slot_of_event[w[2]] for w in waits] == [slot]
+            assert all(c[3] == "side" for c in copies)
+        else:  # copied now, on the compute stream, after any pending copy into that slot
+            first = copies[0]
+            assert first[1:] == (new, slot, "compute")
+            want = [("wait_event", "compute", pending[slot])] if slot in pending else []
+            assert waits == want and all(log.index(w) < log.index(first) for w in waits)
+        for c in copies[1:] if new not in staged_before else copies:  # the prefetch
+            assert c[3] == "side" and c[1] == res.next_stage(new) and c[2] != slot
+            assert log.index(("wait_stream", "side", "compute")) < log.index(("enter", "side"))
+    assert res.switches == 6 and res.staged() == [0]
