@@ -14,47 +14,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ldm.autoencoders.official import DDCONFIG_FIXED, DDCONFIG_KEYS
+from ldm.autoencoders.official import TRAINING_ONLY, convert_ddconfig
 from ldm.official import register_official
 
-#: official ddconfig keys shared with LDM's autoencoders (same meaning, same checks)
-_DDCONFIG_KEYS = DDCONFIG_KEYS
-_DDCONFIG_DEFAULTS = DDCONFIG_FIXED
-#: official constructor arguments of the training code only
-_TRAINING_ONLY = {
-    "ckpt_path",
-    "ignore_keys",
-    "image_key",
-    "colorize_nlabels",
-    "monitor",
-    "batch_resize_range",
-    "scheduler_config",
-    "lr_g_factor",
-    "use_ema",
+#: FA-specific official ddconfig keys (fuse layer settings), passed on as model parameters
+_FA_DDCONFIG_KEYS = ("num_fuse_block", "fusion_w")
+#: official constructor arguments of the training code only (LDM's, with the FA fine-tuning
+#: ones; ``sane_index_shape`` is a model argument here)
+_TRAINING_ONLY = (set(TRAINING_ONLY) - {"sane_index_shape"}) | {
     "freeze_dec",
     "ema_decay",
     "learn_logvar",
-    "lossconfig",
 }
 
 
 def _convert_ddconfig(ddconfig: Mapping[str, Any], cls: str) -> tuple[dict[str, Any], dict]:
-    """Our ddconfig and the FA-specific extras found in the official one."""
-    ours, extras = {}, {}
-    for key, value in ddconfig.items():
-        if key in _DDCONFIG_KEYS:
-            ours[key] = value
-        elif key in _DDCONFIG_DEFAULTS:
-            if value != _DDCONFIG_DEFAULTS[key]:
-                raise ValueError(
-                    f"{cls}: ddconfig {key}={value!r} is not supported "
-                    f"(only {_DDCONFIG_DEFAULTS[key]!r})"
-                )
-        elif key in ("num_fuse_block", "fusion_w"):
-            extras[key] = value
-        else:
-            raise ValueError(f"{cls}: unknown ddconfig key {key!r}")
-    return ours, extras
+    """Our ddconfig (LDM's keys and checks) and the FA-specific extras of the official one."""
+    extras = {k: v for k, v in ddconfig.items() if k in _FA_DDCONFIG_KEYS}
+    rest = {k: v for k, v in ddconfig.items() if k not in _FA_DDCONFIG_KEYS}
+    return convert_ddconfig(rest, cls), extras
 
 
 def _check_rest(params: Mapping[str, Any], known: set[str], cls: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli.messages import report_failures, stderr_line
 from ldm.device import resolve_device
 
 logger = logging.getLogger("moe_sr.txt2img_decode")
@@ -29,10 +30,6 @@ logger = logging.getLogger("moe_sr.txt2img_decode")
 LATENT_SUFFIXES = (".safetensors", ".pt")
 #: checkpoint files that --compare-sd-vae loads with our converter (folders/ids: diffusers)
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.data.image_io import write_image
 
     if args.batch_size < 1:
-        _err("error: --batch-size must be >= 1")
+        stderr_line("error: --batch-size must be >= 1")
         return 2
     files, errors = collect_latents(args.inputs)
     if errors:
         for line in errors:
-            _err(f"error: {line}")
+            stderr_line(f"error: {line}")
         return 2
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -185,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.compare_sd_vae, args.sd_vae_prefix, device, dtype, args.sd_vae_config
             )
     except (CheckpointError, ConfigError, PipelineLoadError, OSError, ValueError) as err:
-        _err(f"error: {err}")
+        stderr_line(f"error: {err}")
         return 2
 
     outdir = Path(args.outdir)
@@ -227,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "%d decoded, %d skipped (outputs exist; --overwrite replaces), %d failed -> %s",
         *(done, skipped, len(failed), outdir),
     )
-    if failed:
-        _err(f"{len(failed)} latent(s) failed:")
-        for line in failed:
-            _err(f"  {line}")
-        return 1
-    return 0
+    return report_failures(f"{len(failed)} latent(s) failed:", failed)
 
 
 if __name__ == "__main__":

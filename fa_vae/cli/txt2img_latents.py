@@ -21,13 +21,10 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli.messages import stderr_line
 from ldm.device import resolve_device
 
 logger = logging.getLogger("moe_sr.txt2img_latents")
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.steps < 1 or args.batch_size < 1:
-        _err("error: --steps and --batch-size must be >= 1")
+        stderr_line("error: --steps and --batch-size must be >= 1")
         return 2
     if len(set(args.seeds)) != len(args.seeds):
-        _err(f"error: --seeds repeats a seed: {args.seeds}")
+        stderr_line(f"error: --seeds repeats a seed: {args.seeds}")
         return 2
     try:
         prompts = read_prompts(args.prompts)
     except (OSError, ValueError) as err:
-        _err(f"error: {err}")
+        stderr_line(f"error: {err}")
         return 2
     device = resolve_device(args.device)
     dtype_name = args.dtype or ("float32" if device.type == "cpu" else "float16")
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_sd_pipeline(args.model, torch_dtype=getattr(torch, dtype_name), device=device)
         check_tokenizer(pipe)
     except (PipelineLoadError, TokenizerError) as err:
-        _err(f"error: {err}")
+        stderr_line(f"error: {err}")
         return 2
     pipe.set_progress_bar_config(disable=True)
     factor = scaling_factor_of(pipe)

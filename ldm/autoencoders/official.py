@@ -64,7 +64,10 @@ def convert_ddconfig(ddconfig: Mapping[str, Any], cls: str) -> dict[str, Any]:
             ours[key] = value
         elif key in DDCONFIG_FIXED:
             if value != DDCONFIG_FIXED[key]:
-                raise ValueError(f"{cls}: ddconfig {key}={value!r} is not supported")
+                raise ValueError(
+                    f"{cls}: ddconfig {key}={value!r} is not supported "
+                    f"(only {DDCONFIG_FIXED[key]!r})"
+                )
         else:
             raise ValueError(f"{cls}: unknown ddconfig key {key!r}; known: {sorted(DDCONFIG_KEYS)}")
     return ours

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli.messages import report_failures, stderr_line
+
 logger = logging.getLogger("moe_sr.reconstruct")
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.data.image_io import ImageReadError, read_image, write_image
 
     if args.config is None and args.ckpt is None:
-        _err("error: give --config (a preset or YAML) and/or --ckpt")
+        stderr_line("error: give --config (a preset or YAML) and/or --ckpt")
         return 2
     try:
         model = load_autoencoder(args.config, args.ckpt, prefix=args.prefix)
     except (CheckpointError, ConfigError, ValueError) as err:
-        _err(f"error: {err}")
+        stderr_line(f"error: {err}")
         return 2
     lr_guided = needs_lr_input(model)
     if lr_guided and not (args.lr or args.lr_from_hr):
-        _err(
+        stderr_line(
             f"error: {type(model).__name__} is LR-guided (its decoder fuses LR features): give "
             "--lr PATH_OR_DIR (LR images, 1/8 of the input size, same file names) or "
             "--lr-from-hr (make them by bicubic x1/8 of the inputs)"
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not lr_guided and (args.lr or args.lr_from_hr):
         flag = "--lr" if args.lr else "--lr-from-hr"
-        _err(f"error: {flag} is for LR-guided models (the VQ-f4 FA-VAE); "
+        stderr_line(f"error: {flag} is for LR-guided models (the VQ-f4 FA-VAE); "
              f"{type(model).__name__} takes no LR image: drop {flag}")  # fmt: skip
         return 2
     device = torch.device(args.device)
@@ -202,12 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "%d written, %d skipped (exist; --overwrite replaces), %d failed -> %s",
         *(done, skipped, len(errors), outdir),
     )
-    if errors:
-        _err(f"{len(errors)} input(s) failed:")
-        for line in errors:
-            _err(f"  {line}")
-        return 1
-    return 0
+    return report_failures(f"{len(errors)} input(s) failed:", errors)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ldm.cli.messages import stderr_line
 from moe_sr.cli.sr import add_pipeline_options
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -79,15 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
     for flag, folder in (("--lr", args.lr), ("--hr", args.hr)):
         if not Path(folder).is_dir():
-            _err(f"moe-sr-eval: {flag} {folder}: no such folder")
+            stderr_line(f"moe-sr-eval: {flag} {folder}: no such folder")
             return 2
     try:
         compare = _parse_sr(args.compare)
     except ValueError as err:
-        _err(f"moe-sr-eval: {err}")
+        stderr_line(f"moe-sr-eval: {err}")
         return 2
     if args.name in compare:
-        _err(f"moe-sr-eval: --compare {args.name}=... clashes with --name {args.name}")
+        stderr_line(f"moe-sr-eval: --compare {args.name}=... clashes with --name {args.name}")
         return 2
     sr_dir = Path(args.sr_dir) if args.sr_dir else Path(args.out) / "sr"
     sr_args = argparse.Namespace(
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rc = run_sr(sr_args)
     if rc != 0:
-        _err(f"moe-sr-eval: the SR run did not complete (status {rc}); no evaluation")
+        stderr_line(f"moe-sr-eval: the SR run did not complete (status {rc}); no evaluation")
         return rc
     if args.dry_run:
         return 0

@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli.messages import report_failures, stderr_line
+
 logger = logging.getLogger("moe_sr.sr")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
     except (ConfigError, ValueError) as err:
-        _err(f"moe-sr: {err}")
+        stderr_line(f"moe-sr: {err}")
         return 2
     files, errors = collect_inputs(args.input)
     plan = _plan(files, args)
@@ -179,20 +177,15 @@ def run(args: argparse.Namespace) -> int:
         logger.info("skipping %d image(s) whose outputs exist (--overwrite)", len(plan) - len(todo))
     if not todo:
         for line in errors:
-            _err(f"moe-sr: {line}")
+            stderr_line(f"moe-sr: {line}")
         return 1 if errors else 0
     try:
         pipe = _build(args, cfg)
     except (ValueError, OSError, RuntimeError) as err:  # incl. ReleaseDownloadError
-        _err(f"moe-sr: cannot build the pipeline: {err}")
+        stderr_line(f"moe-sr: cannot build the pipeline: {err}")
         return 2
     errors += _run(pipe, todo, args)
-    if errors:
-        _err(f"moe-sr: {len(errors)} problem(s):")
-        for line in errors:
-            _err(f"  {line}")
-        return 1
-    return 0
+    return report_failures(f"moe-sr: {len(errors)} problem(s):", errors)
 
 
 def _build(args: argparse.Namespace, cfg: dict):
