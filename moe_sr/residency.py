@@ -129,7 +129,9 @@ class ExpertResidency:
         self.device, self.dtype = device, dtype
         self.offload_device = torch.device(offload_device)
         self.offload = offload
-        self.prefetch = offload and (device.type == "cuda" if prefetch is None else prefetch)
+        # side streams, events and pinned memory are the CUDA API's; elsewhere copies are plain
+        cuda = device.type == "cuda"
+        self.prefetch = offload and (cuda if prefetch is None else prefetch)
         self.active: int | None = None
         self.switches = 0
         self.switch_seconds = 0.0
@@ -148,7 +150,7 @@ class ExpertResidency:
                 _point(u, layout.views(flat))
                 self._buffers.append(flat)
         else:
-            pin = device.type == "cuda" and self.offload_device.type == "cpu"
+            pin = cuda and self.offload_device.type == "cpu"
             for u, layout in zip(self.unets, layouts):
                 flat = _flat_copy(layout, self.offload_device, pin)
                 self._home_flat.append(flat)
@@ -160,8 +162,7 @@ class ExpertResidency:
         self._owner: list[int | None] = [None] * num_slots
         self._ready: list[Any] = [None] * num_slots  # CUDA event of a side-stream copy
         self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
-        use_stream = self.prefetch and device.type == "cuda"
-        self._stream = torch.cuda.Stream(device) if use_stream else None
+        self._stream = torch.cuda.Stream(device) if self.prefetch and cuda else None
         #: the most expert weight bytes that were on the device at once
         self.peak_resident_bytes = self.resident_bytes()
 

@@ -101,6 +101,16 @@ def _u8_to_signed(img_u8: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------ base
 
 
+def _check_scale_and_crop(scale: int, crop_size: int | None) -> None:
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    if crop_size is not None and (crop_size < scale or crop_size % scale):
+        raise ValueError(
+            f"crop_size {crop_size} must be a positive multiple of scale {scale} "
+            f"(e.g. {max(scale, (crop_size // scale) * scale)})"
+        )
+
+
 class _SkippingDataset(Dataset):
     """Serves ``_load(index)``; on :class:`SampleError` / read failures tries the next index."""
 
@@ -259,13 +269,7 @@ class SRFolderDataset(_SkippingDataset):
         seed: int | None = None,
     ) -> None:
         super().__init__(seed)
-        if not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"scale must be a positive integer, got {scale!r}")
-        if crop_size is not None and (crop_size < scale or crop_size % scale):
-            raise ValueError(
-                f"crop_size {crop_size} must be a positive multiple of scale {scale} "
-                f"(e.g. {max(scale, (crop_size // scale) * scale)})"
-            )
+        _check_scale_and_crop(scale, crop_size)
         self.paths = collect_image_paths(root_or_filelist)
         self.crop_size = crop_size
         self.scale = scale
@@ -331,10 +335,7 @@ class PairedFolderDataset(_SkippingDataset):
         seed: int | None = None,
     ) -> None:
         super().__init__(seed)
-        if not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"scale must be a positive integer, got {scale!r}")
-        if crop_size is not None and (crop_size < scale or crop_size % scale):
-            raise ValueError(f"crop_size {crop_size} must be a positive multiple of scale {scale}")
+        _check_scale_and_crop(scale, crop_size)
         lr_paths = _by_stem(collect_image_paths(lr_dir), "LR")
         hr_paths = _by_stem(collect_image_paths(hr_dir), "HR")
         only_lr = sorted(set(lr_paths) - set(hr_paths))

@@ -250,7 +250,7 @@ class FFNMoE(nn.Module):
         """Drop the cached stacked / averaged expert weights."""
         self._cache.clear()
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): stale cache
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), device moves: stale cache
         self.clear_cache()
         return super()._apply(fn, recurse)
 
