@@ -12,6 +12,7 @@ released stage checkpoints: the 12 schedule buffers, ``model.diffusion_model.*``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -267,15 +268,13 @@ class DiffusionSRModule(L.LightningModule):
         x_T = torch.randn(z0.shape, generator=gen).to(self.device)
         was_training = self.training
         self.eval()
+        weights = (
+            self.model_ema.average_parameters(self.model)
+            if self.use_ema
+            else contextlib.nullcontext()
+        )
         try:
-            if self.use_ema:
-                with self.model_ema.average_parameters(self.model):
-                    z = ddim_sample(
-                        self.model, self.schedule, x_T, cond,
-                        steps=steps or self.hparams.sample_steps,
-                        eta=self.hparams.sample_eta, generator=gen,
-                    )  # fmt: skip
-            else:
+            with weights:
                 z = ddim_sample(
                     self.model, self.schedule, x_T, cond,
                     steps=steps or self.hparams.sample_steps,
