@@ -43,7 +43,7 @@ def _set_decoder_modes(decoder: FADecoder, fusion_w: float, release_train_mode: 
     decoder.release_train_mode = bool(release_train_mode)
 
 
-@register("fa_vae_vq_f4")
+@register("fa_vae_vq_f4", kind="autoencoder")
 class FAVQModel(VQModel):
     """VQ autoencoder whose decoder fuses LR features and refines frequencies.
 
@@ -105,7 +105,7 @@ class FAVQModel(VQModel):
         return self.decoder.frequency_parameters()
 
 
-@register("fa_vae_kl_f8")
+@register("fa_vae_kl_f8", kind="autoencoder")
 class FAKLModel(AutoencoderKL):
     """KL autoencoder (SD1.5 kl-f8 layout) whose decoder refines frequencies (``unet_1``).
 

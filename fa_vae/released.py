@@ -96,7 +96,7 @@ def load_released(
             raise CheckpointMismatchError(
                 f"{path} holds a {found_target!r} model, not {target!r} (kind={kind!r})"
             )
-        return load_pretrained(path, map_location=map_location)
+        return load_pretrained(path, kinds=("autoencoder",), map_location=map_location)
 
     state_dict = _strip_prefix(read_state_dict(path, map_location=map_location))
     found = identify(state_dict)

@@ -244,12 +244,22 @@ def diff_state_dict(
     model_sd: Mapping[str, torch.Tensor], file_sd: Mapping[str, torch.Tensor]
 ) -> tuple[list[str], list[str], list[str]]:
     """Missing keys, unexpected keys, and ``key: file shape vs model shape`` lines."""
-    missing = sorted(set(model_sd) - set(file_sd))
-    unexpected = sorted(set(file_sd) - set(model_sd))
+    return diff_shapes(
+        {k: tuple(v.shape) for k, v in model_sd.items()},
+        {k: tuple(v.shape) for k, v in file_sd.items()},
+    )
+
+
+def diff_shapes(
+    model_shapes: Mapping[str, tuple[int, ...]], file_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """:func:`diff_state_dict` on ``name -> shape`` tables."""
+    missing = sorted(set(model_shapes) - set(file_shapes))
+    unexpected = sorted(set(file_shapes) - set(model_shapes))
     wrong = [
-        f"{k}: file {tuple(file_sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
-        for k in model_sd
-        if k in file_sd and tuple(model_sd[k].shape) != tuple(file_sd[k].shape)
+        f"{k}: file {file_shapes[k]} vs model {model_shapes[k]}"
+        for k in model_shapes
+        if k in file_shapes and model_shapes[k] != file_shapes[k]
     ]
     return missing, unexpected, wrong
 
@@ -351,24 +361,100 @@ def save_pretrained(
     return path
 
 
+#: Kinds of registered networks our weight files may rebuild (see ``ldm.registry.register``).
+MODEL_KINDS = ("autoencoder", "unet")
+
+
+def parse_json_metadata(path: str | os.PathLike, meta: Mapping[str, str], key: str) -> Any:
+    """``json.loads(meta[key])`` with an error that names the file and the key."""
+    try:
+        return json.loads(meta[key])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: metadata {key!r} is not valid JSON ({err}); the file was not written by "
+            "moe-sr or was modified"
+        ) from None
+
+
 def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``{target, params}`` config stored in one of our safetensors files (as data: build
+    it only through :func:`load_pretrained` or ``instantiate(..., trusted=False)``)."""
     meta = read_safetensors_metadata(path)
     if CONFIG_KEY not in meta:
         raise CheckpointError(
             f"{path} has no {CONFIG_KEY!r} metadata: it is not a moe-sr release file. "
             "Build the model from a config preset and load the weights with load_weights()"
         )
-    return json.loads(meta[CONFIG_KEY])
+    config = parse_json_metadata(path, meta, CONFIG_KEY)
+    if not isinstance(config, dict) or not isinstance(config.get("target"), str):
+        raise CheckpointError(f"{path}: metadata {CONFIG_KEY!r} is not a {{target, params}} config")
+    return config
 
 
 def load_pretrained(
-    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    kinds: Iterable[str] = MODEL_KINDS,
+    map_location: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Rebuild a model from one of our safetensors files (config in the metadata)."""
-    from ldm.config import instantiate
+    """Rebuild a model from one of our safetensors files (config in the metadata).
 
+    The stored config is untrusted data: it may only name a registered network of one of
+    ``kinds`` (e.g. ``("autoencoder",)``) with parameters that fit its signature; nothing is
+    imported or run on its say (:func:`ldm.config.validate_untrusted`).
+    """
+    from ldm.config import validate_untrusted
+
+    path = Path(path)
     config = read_pretrained_config(path)
-    model = instantiate(config)
-    sd = _read_safetensors(Path(path), map_location)
+    try:
+        config = validate_untrusted(config, source=str(path), kinds=tuple(kinds))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    # sized like the file before any memory is spent: a config that asks for more is refused
+    model = build_uninitialised(config, what=str(path), expect_shapes=safetensors_shapes(path))
+    sd = _read_safetensors(path, map_location)
     load_state_dict_strict(model, sd, what=str(path))
     return model.eval()
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def build_uninitialised(
+    cfg: Mapping[str, Any],
+    *,
+    what: str = "config",
+    expect_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> nn.Module:
+    """Build ``cfg`` without spending time on random init (every tensor is loaded afterwards).
+
+    The model is first built on the meta device; with ``expect_shapes`` (the file's tensors)
+    any key or shape difference is refused before memory is allocated. A constructor that
+    rejects the parameters gives a :class:`CheckpointError` naming ``what``.
+    """
+    from ldm.config import instantiate
+
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{what}: cannot build the model its config describes: {err}"
+        ) from None
+    if expect_shapes is not None:
+        model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing, unexpected, wrong = diff_shapes(model_shapes, expect_shapes)
+        if missing or unexpected or wrong:
+            raise CheckpointMismatchError(mismatch_message(missing, unexpected, wrong, what=what))
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        return instantiate(cfg)  # non-persistent buffers would stay uninitialised: init normally
+    return model.to_empty(device="cpu")

@@ -15,15 +15,18 @@ list of valid ones.
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import os
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.registry import lookup
+from ldm.registry import REGISTRY, RegistryError, lookup
 
 #: Folder of the bundled YAML presets (``configs/`` at the repository root).
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -106,11 +109,19 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
-def check_params(fn: Any, params: Mapping[str, Any], target: str) -> None:
-    """Raise if ``params`` names an argument that ``fn`` does not take."""
+def _init_signature(fn: Any) -> inspect.Signature | None:
     try:
-        sig = inspect.signature(fn)
+        return inspect.signature(fn)
     except (TypeError, ValueError):
+        return None
+
+
+def check_params(fn: Any, params: Mapping[str, Any], target: str) -> None:
+    """Raise if ``params`` names an argument that ``fn`` does not take, misses a required one,
+    or gives a value of the wrong type (checked against the annotations, see
+    :func:`check_types`)."""
+    sig = _init_signature(fn)
+    if sig is None:
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
         return
@@ -135,14 +146,179 @@ def check_params(fn: Any, params: Mapping[str, Any], target: str) -> None:
     ]
     if missing:
         raise ConfigError(f"missing required parameter(s) {missing} for target {target!r}")
+    check_types(fn, params, target)
 
 
-def instantiate(cfg: Mapping[str, Any] | DictConfig, **extra: Any) -> Any:
+def _type_hints(fn: Any) -> dict[str, Any]:
+    """Resolved annotations of ``fn`` (a class: its ``__init__``); ``{}`` when they cannot be
+    resolved (then nothing is checked)."""
+    obj = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:  # noqa: BLE001 - names only importable under TYPE_CHECKING etc.
+        return {}
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+_SEQUENCE_ORIGINS = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
+_MAPPING_ORIGINS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+
+
+def value_matches(value: Any, hint: Any) -> bool:
+    """Whether a config value (plain YAML/JSON data) fits the annotation ``hint``.
+
+    Understands the annotations our constructors use: ``bool``, ``int``, ``float`` (an int is
+    accepted), ``str``, ``None``, unions / ``Optional``, ``Literal``, sequences (a list or a
+    tuple; ``tuple[int, int]`` checks the length) and mappings. Anything else (``Any``, a class
+    such as ``torch.device``) is accepted: it cannot be judged from plain data.
+    """
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(value_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in _SEQUENCE_ORIGINS or origin in _SEQUENCE_ORIGINS:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(value) == len(args) and all(map(value_matches, value, args))
+        item = args[0] if args else Any
+        return all(value_matches(v, item) for v in value)
+    if hint in _MAPPING_ORIGINS or origin in _MAPPING_ORIGINS:
+        if not isinstance(value, Mapping):
+            return False
+        if len(args) == 2:
+            return all(
+                value_matches(k, args[0]) and value_matches(v, args[1]) for k, v in value.items()
+            )
+        return True
+    return True
+
+
+def check_types(fn: Any, params: Mapping[str, Any], target: str) -> None:
+    """Raise :class:`ConfigError` naming the key when a parameter value has the wrong type
+    (``ema_decay: fast`` for a float), as far as the annotations say (:func:`value_matches`)."""
+    hints = _type_hints(fn)
+    for name, value in params.items():
+        value = to_plain(value)
+        if name in hints and not value_matches(value, hints[name]):
+            raise ConfigError(
+                f"parameter {name!r} of target {target!r} must be {_type_name(hints[name])}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+
+
+#: Value types a config read from a file may hold (what JSON can express).
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def validate_untrusted(
+    cfg: Any, *, source: str, kinds: Collection[str] | None = None
+) -> dict[str, Any]:
+    """Check a ``{target, params}`` config that comes from a file (weights metadata, a
+    downloaded config) before anything of it is built; return it as a plain dict.
+
+    Such a config is data, never code: its target must be a registered short name (never a
+    dotted import path: nothing is imported) of one of ``kinds`` (e.g. ``{"autoencoder"}``),
+    its parameter names and types must fit the target's signature, nested ``{target, ...}``
+    mappings obey the same rules, and no string may hold a ``${...}`` interpolation. Raises
+    :class:`ConfigError` naming ``source``.
+    """
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("target"), str):
+        raise ConfigError(f"{source}: the stored config is not a {{target, params}} mapping")
+    target = cfg["target"]
+    if kinds is not None:
+        kind = REGISTRY.kind_of(target) if REGISTRY.is_registered(target) else None
+        if kind not in kinds:
+            if REGISTRY.is_registered(target):
+                what = f"a {kind} ({target!r})" if kind else f"a {target!r} object"
+            else:
+                what = f"target {target!r}, which is not a registered network"
+            valid = sorted(n for n in REGISTRY.names() if REGISTRY.kind_of(n) in kinds)
+            raise ConfigError(
+                f"{source} holds {what}, expected {' or '.join(sorted(kinds))} "
+                f"({', '.join(valid)}): check which file goes to which option; a weight "
+                "file's config may only name registered networks, never an import path"
+            )
+    try:
+        _check_untrusted_node(cfg, "config")
+    except (ConfigError, RegistryError) as err:
+        raise ConfigError(f"{source}: refusing its stored config: {err}") from None
+    return dict(cfg)
+
+
+def _check_untrusted_node(node: Any, where: str) -> None:
+    if isinstance(node, str):
+        if "${" in node:
+            raise ConfigError(f"{where}: interpolations (${{...}}) are not allowed: {node!r}")
+        return
+    if isinstance(node, _PLAIN_SCALARS):
+        return
+    if isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_untrusted_node(v, f"{where}[{i}]")
+        return
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{where}: unsupported value of type {type(node).__name__}")
+    for k in node:
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: keys must be strings, got {k!r}")
+        _check_untrusted_node(k, f"{where} key")
+    if "target" not in node:
+        for k, v in node.items():
+            _check_untrusted_node(v, f"{where}.{k}")
+        return
+    unknown = sorted(set(node) - {"target", "params"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} next to 'target'")
+    fn = REGISTRY.lookup(node["target"], allow_import=False)
+    params = node.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}.params must be a mapping, got {type(params).__name__}")
+    for k, v in params.items():
+        _check_untrusted_node(v, f"{where}.params.{k}")
+    check_params(fn, params, node["target"])
+
+
+def instantiate(
+    cfg: Mapping[str, Any] | DictConfig,
+    *,
+    trusted: bool = True,
+    source: str = "config",
+    kinds: Collection[str] | None = None,
+    **extra: Any,
+) -> Any:
     """Build ``target(**params, **extra)`` from a ``{target, params}`` mapping.
 
     Only the keys ``target`` and ``params`` are allowed at this level, so a typo
-    such as ``parmas`` fails instead of being ignored.
+    such as ``parmas`` fails instead of being ignored. ``trusted=False`` is for configs that
+    come from files (weights metadata, downloads): they go through
+    :func:`validate_untrusted` first (registered targets of ``kinds`` only, no imports).
     """
+    if not trusted:
+        cfg = validate_untrusted(cfg, source=source, kinds=kinds)
     cfg = to_plain(cfg)
     if not isinstance(cfg, Mapping) or "target" not in cfg:
         raise ConfigError(f"expected a mapping with a 'target' key, got {cfg!r}")
@@ -153,8 +329,11 @@ def instantiate(cfg: Mapping[str, Any] | DictConfig, **extra: Any) -> Any:
             "only 'target' and 'params' are allowed"
         )
     target = cfg["target"]
-    fn = lookup(target)
-    params = dict(cfg.get("params") or {})
+    fn = lookup(target, allow_import=trusted)
+    params = cfg.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"params of target {target!r} must be a mapping, got {params!r}")
+    params = dict(params)
     params.update(extra)
     check_params(fn, params, target)
     return fn(**params)

@@ -41,10 +41,15 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._table: dict[str, Any] = {}
+        self._kinds: dict[str, str] = {}
         self._plugins_loaded = False
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator: ``@register("vq_f4")`` over a class or factory function."""
+    def register(self, name: str | None = None, *, kind: str | None = None) -> Callable[[T], T]:
+        """Decorator: ``@register("vq_f4")`` over a class or factory function.
+
+        ``kind`` tags networks that weight files may rebuild (``"autoencoder"``, ``"unet"``):
+        a loader names the kinds it expects and refuses a file whose config holds another.
+        """
 
         def decorator(obj: T) -> T:
             key = name or obj.__name__  # type: ignore[attr-defined]
@@ -59,6 +64,8 @@ class Registry:
                         f"{existing.__module__}.{existing.__qualname__}; pick another name"
                     )
             self._table[key] = obj
+            if kind is not None:
+                self._kinds[key] = kind
             return obj
 
         return decorator
@@ -75,13 +82,35 @@ class Registry:
         self.load_plugins()
         return sorted(self._table)
 
-    def lookup(self, target: str) -> Any:
-        """Return the object for a short name or a dotted path ``pkg.module.Name``."""
+    def kind_of(self, name: str) -> str | None:
+        """The ``kind`` a registered name was tagged with (``None`` when untagged or unknown)."""
+        self.load_plugins()
+        return self._kinds.get(name)
+
+    def is_registered(self, name: str) -> bool:
+        self.load_plugins()
+        return name in self._table
+
+    def lookup(self, target: str, *, allow_import: bool = True) -> Any:
+        """Return the object for a short name or a dotted path ``pkg.module.Name``.
+
+        ``allow_import=False`` (configs that come from files: weight metadata, downloads)
+        accepts registered short names only and never imports anything.
+        """
+        if not isinstance(target, str):
+            raise RegistryError(f"a target must be a string, got {type(target).__name__}")
         if target in self._table:
             return self._table[target]
         self.load_plugins()
         if target in self._table:
             return self._table[target]
+        if not allow_import:
+            raise RegistryError(
+                f"target {target!r} is not a registered {self.kind} name; a config read from a "
+                "file (weights metadata, a download) may only name registered targets "
+                f"({', '.join(sorted(self._table))}). Dotted import paths are allowed only in "
+                "configs you pass yourself"
+            )
         if "." in target:
             module_name, _, attr = target.rpartition(".")
             try:

@@ -20,17 +20,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint import (
+    build_uninitialised,
     load_pretrained,
     load_state_dict_strict,
     read_pretrained_config,
     read_state_dict,
+    safetensors_shapes,
 )
-from ldm.config import ConfigError, instantiate, load_config, to_plain
+from ldm.config import ConfigError, load_config, to_plain, validate_untrusted
 from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
 from moe_sr.checkpoints import (
     OnMismatch,
@@ -83,16 +84,6 @@ def build_schedule(spec: Mapping[str, Any]) -> NoiseSchedule:
         raise ConfigError(str(err)) from None
 
 
-def _uninitialised(cfg: Mapping[str, Any]) -> nn.Module:
-    """Build ``cfg`` without spending time on random init (every tensor is loaded afterwards)."""
-    with torch.device("meta"):
-        model = instantiate(cfg)
-    persistent = set(model.state_dict())
-    if any(name not in persistent for name, _ in model.named_buffers()):
-        return instantiate(cfg)  # non-persistent buffers would stay uninitialised: init normally
-    return model.to_empty(device="cpu")
-
-
 def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
     """The FA-VAE of ``cfg`` with weights from a released ``fa_vae.pth`` or our safetensors.
 
@@ -102,13 +93,14 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        found = read_pretrained_config(path)
-        if found.get("target") != cfg.get("target"):  # the file's own config wins
+        vae = load_pretrained(path, kinds=("autoencoder",)).eval()
+        found = read_pretrained_config(path)["target"]
+        if found != cfg.get("target"):  # the file's own (validated) config wins
             logger.warning(
                 "%s holds a %r model (the config names %r); using the file's model",
-                path, found.get("target"), cfg.get("target"),
+                path, found, cfg.get("target"),
             )  # fmt: skip
-        return load_pretrained(path).eval()
+        return vae
     state_dict = read_state_dict(path)
     if "encoder.conv_in.weight" not in state_dict:  # a full LDM checkpoint: take the first stage
         inner = {
@@ -119,7 +111,7 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
         state_dict = inner or state_dict
     # an LDM autoencoder .ckpt also carries its training loss (LPIPS + discriminator): not the model
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
-    vae = _uninitialised(cfg)
+    vae = build_uninitialised(cfg, what=str(path))
     load_state_dict_strict(vae, state_dict, what=str(path))
     return vae.eval()
 
@@ -136,10 +128,13 @@ def load_experts(
     """One UNet per stage, in stage order (see :func:`moe_sr.checkpoints.resolve_expert_order`)."""
     unets = []
     for k, path in enumerate(resolve_expert_order(paths, stages.num_stages)):
-        unet_cfg = cfg["unet"]
+        unet_cfg, shapes = cfg["unet"], None
         if path.suffix == ".safetensors":
-            unet_cfg = read_expert_metadata(path).get("config", unet_cfg)
-        unet = _uninitialised(unet_cfg)
+            stored = read_expert_metadata(path).get("config")
+            if stored is not None:  # the file's own config is data: registered UNets only
+                unet_cfg = validate_untrusted(stored, source=str(path), kinds=("unet",))
+            shapes = safetensors_shapes(path)
+        unet = build_uninitialised(unet_cfg, what=str(path), expect_shapes=shapes)
         info = load_expert(
             path, unet, weights=weights, schedule=schedule, schedule_check=schedule_check
         )

@@ -25,7 +25,6 @@ metadata, so a wrong order fails loudly (:func:`resolve_expert_order`).
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import mmap
 import os
@@ -42,10 +41,12 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import (
+    CONFIG_KEY,
     CheckpointError,
     CheckpointMismatchError,
     load_torch_file,
     mismatch_message,
+    parse_json_metadata,
     read_safetensors_metadata,
     save_pretrained,
 )
@@ -296,16 +297,25 @@ def read_expert_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Stage, number of stages, t-range and config stored in one of our expert files ({} if none)."""
     meta = read_safetensors_metadata(path)
     out: dict[str, Any] = {}
-    if STAGE_KEY in meta:
-        out["stage"] = int(json.loads(meta[STAGE_KEY]))
-    if NUM_STAGES_KEY in meta:
-        out["num_stages"] = int(json.loads(meta[NUM_STAGES_KEY]))
-    if T_RANGE_KEY in meta:
-        lo, hi = json.loads(meta[T_RANGE_KEY])
-        out["t_range"] = (int(lo), int(hi))
-    if "moe_sr.config" in meta:
-        out["config"] = json.loads(meta["moe_sr.config"])
+    try:
+        if STAGE_KEY in meta:
+            out["stage"] = _plain_int(parse_json_metadata(path, meta, STAGE_KEY))
+        if NUM_STAGES_KEY in meta:
+            out["num_stages"] = _plain_int(parse_json_metadata(path, meta, NUM_STAGES_KEY))
+        if T_RANGE_KEY in meta:
+            lo, hi = parse_json_metadata(path, meta, T_RANGE_KEY)
+            out["t_range"] = (_plain_int(lo), _plain_int(hi))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: malformed expert metadata ({err})") from None
+    if CONFIG_KEY in meta:
+        out["config"] = parse_json_metadata(path, meta, CONFIG_KEY)
     return out
+
+
+def _plain_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
 
 
 def load_expert_safetensors(path: str | os.PathLike, unet: nn.Module) -> ExpertInfo:

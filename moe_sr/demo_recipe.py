@@ -254,7 +254,7 @@ def fa_vae_from_autoencoder(
     from ldm.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
     from ldm.config import instantiate, load_config, to_plain
 
-    base = load_pretrained(autoencoder).state_dict()
+    base = load_pretrained(autoencoder, kinds=("autoencoder",)).state_dict()
     cfg = to_plain(fa_config if isinstance(fa_config, Mapping) else load_config(fa_config))
     torch.manual_seed(seed)
     model = instantiate(cfg)

@@ -16,11 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference_dir() -> Path:
-    """``$MOESR_REFERENCE_DIR`` or ``../shared/reference`` next to the repository."""
+    """``$MOESR_REFERENCE_DIR`` (e.g. a newer fixture set of the same layout) or the copy of
+    the reference data that ships with the repository (``tests/reference``)."""
     env = os.environ.get("MOESR_REFERENCE_DIR")
     if env:
         return Path(env)
-    return REPO_ROOT.parent / "shared" / "reference"
+    return REPO_ROOT / "tests" / "reference"
 
 
 @pytest.fixture(scope="session")

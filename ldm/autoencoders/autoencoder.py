@@ -69,7 +69,7 @@ class FirstStageModel(nn.Module):
             )
 
 
-@register("vq_model")
+@register("vq_model", kind="autoencoder")
 class VQModel(FirstStageModel):
     """LDM ``VQModel`` (as used through ``VQModelInterface``): encode to the
     pre-quantisation latent, quantize explicitly or inside :meth:`decode`.
@@ -122,7 +122,7 @@ class VQModel(FirstStageModel):
         return self.decode(self.encode(x), quantize=True)
 
 
-@register("kl_model")
+@register("kl_model", kind="autoencoder")
 class AutoencoderKL(FirstStageModel):
     """LDM / Stable Diffusion ``AutoencoderKL``: encode to a diagonal Gaussian posterior.
 

@@ -146,7 +146,7 @@ def load_autoencoder(
                 "give a config (preset name or YAML) unless the checkpoint is a moe-sr "
                 "safetensors file that carries its config"
             )
-        return load_pretrained(ckpt, map_location=map_location)
+        return load_pretrained(ckpt, kinds=("autoencoder",), map_location=map_location)
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
     model = instantiate(cfg)
     if ckpt is not None:

@@ -49,7 +49,7 @@ def build_first_stage(
                 f"first_stage {spec!r} is a string: give a moe-sr .safetensors release file, "
                 "or a {target, params} mapping (e.g. ${preset:autoencoder/vq_f4})"
             )
-        model = load_pretrained(spec)
+        model = load_pretrained(spec, kinds=("autoencoder",))
     else:
         model = instantiate(spec)
         if ckpt is not None:

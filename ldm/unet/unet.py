@@ -36,7 +36,7 @@ from ldm.unet.layers import (
 logger = logging.getLogger(__name__)
 
 
-@register("unet")
+@register("unet", kind="unet")
 class UNetModel(nn.Module):
     """UNet with timestep embedding, ResBlocks, legacy attention and optional FFN-MoE.
 

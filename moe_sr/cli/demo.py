@@ -88,11 +88,21 @@ def _release_files(folder: Path) -> tuple[list[Path], Path]:
 
 def build_demo_pipeline(args: argparse.Namespace):
     """``(pipeline, description)`` from the released weights or the demo model."""
+    from ldm.checkpoint import CheckpointError
+    from ldm.config import ConfigError
     from ldm.device import resolve_device
-    from moe_sr.build import build_pipeline, build_pipeline_from_folder
 
     device = resolve_device(args.device)
     weights = args.weights or os.environ.get(WEIGHTS_ENV)
+    try:
+        return _load_pipeline(args, weights, device)
+    except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError) as err:
+        raise DemoError(str(err)) from None
+
+
+def _load_pipeline(args: argparse.Namespace, weights: str | None, device):
+    from moe_sr.build import build_pipeline, build_pipeline_from_folder
+
     if weights:
         experts, vae = _release_files(Path(weights))
         pipe = build_pipeline(RELEASE_CONFIG, experts, vae, device=device, seed=args.seed)
