@@ -34,7 +34,9 @@ class FADecoder(Decoder):
     * ``fuse_lr``: build the fuse layers (VQ-f4 FA-VAE) or not (KL-f8 FA-VAE);
     * ``num_fuse_block``: RRDB blocks per fuse layer (release: 2);
     * ``freq_ch_mul``, ``freq_hidden_size_factor``, ``freq_drop_path``: the
-      :class:`~fa_vae.frequency.UNetAff` (release: ``(1, 1, 2, 2)``, 1, 0.1).
+      :class:`~fa_vae.frequency.UNetAff` (release: ``(1, 1, 2, 2)``, 1, 0.1);
+    * ``norm_groups``: GroupNorm groups everywhere in the decoder, fuse layers and frequency
+      module (release: 32; narrow models want several channels per group).
 
     Attributes set after construction (by the model): ``fusion_w``, the weight ``w`` of
     the fused residual (release: 1.0), and ``release_train_mode``: keep ``unet_1`` in
@@ -66,6 +68,7 @@ class FADecoder(Decoder):
         freq_ch_mul: Sequence[int] = (1, 1, 2, 2),
         freq_hidden_size_factor: int = 1,
         freq_drop_path: float = 0.1,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__(
             ch=ch,
@@ -79,6 +82,7 @@ class FADecoder(Decoder):
             dropout=dropout,
             resamp_with_conv=resamp_with_conv,
             give_pre_end=give_pre_end,
+            norm_groups=norm_groups,
         )
         ch_mult = tuple(ch_mult)
         #: weight ``w`` of the fused residual (the release's ``fusion_w``)
@@ -92,7 +96,8 @@ class FADecoder(Decoder):
         )
         for i in self.fuse_levels:
             self.add_module(
-                f"fusion_layer_{i}", FuseLayer(ch * ch_mult[i], num_rrdb=num_fuse_block)
+                f"fusion_layer_{i}",
+                FuseLayer(ch * ch_mult[i], num_rrdb=num_fuse_block, norm_groups=norm_groups),
             )
         block_in = ch * ch_mult[0]
         self.unet_1 = UNetAff(
@@ -101,6 +106,7 @@ class FADecoder(Decoder):
             ch_mul=freq_ch_mul,
             hidden_size_factor=freq_hidden_size_factor,
             drop_path=freq_drop_path,
+            norm_groups=norm_groups,
         )
         for name in ("norm_out", "conv_out"):
             self._modules[name] = self._modules.pop(name)

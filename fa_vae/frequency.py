@@ -237,15 +237,16 @@ class AFFBlock(nn.Module):
         num_blocks: int = 8,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.1,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         # registration order = the release's state_dict order
-        self.norm1 = nn.GroupNorm(num_groups=32, num_channels=in_channels)
+        self.norm1 = nn.GroupNorm(num_groups=norm_groups, num_channels=in_channels)
         self.filter = AFNO2D(
             out_channels, num_blocks=num_blocks, hidden_size_factor=hidden_size_factor
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.GroupNorm(num_groups=32, num_channels=out_channels)
+        self.norm2 = nn.GroupNorm(num_groups=norm_groups, num_channels=out_channels)
         self.up_dim = nn.Conv2d(in_channels, out_channels, kernel_size=1)
         self.mlp = InvertedResidual(in_channels, out_channels, expand_ratio=mlp_ratio)
 
@@ -285,12 +286,18 @@ class UNetAff(nn.Module):
         num_blocks: int = 8,
         drop_path: float = 0.1,
         num_context_blocks: int = 4,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         if len(ch_mul) != 4:
             raise ValueError(f"UNetAff: ch_mul needs 4 entries, got {list(ch_mul)}")
         c1, c2, c3 = (m * in_channels for m in ch_mul[1:])
-        kw = dict(hidden_size_factor=hidden_size_factor, num_blocks=num_blocks, drop_path=drop_path)
+        kw = dict(
+            hidden_size_factor=hidden_size_factor,
+            num_blocks=num_blocks,
+            drop_path=drop_path,
+            norm_groups=norm_groups,
+        )
         self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2)
         self.conv1 = AFFBlock(in_channels, c1, **kw)
         self.conv2 = AFFBlock(c1, c2, **kw)

@@ -16,23 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    """The autoencoder's normalisation: GroupNorm(32, eps=1e-6, affine)."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+from ldm.autoencoders.blocks import NORM_GROUPS, Normalize
 
 
 class FuseResBlock(nn.Module):
     """``x + conv2(silu(norm2(conv1(silu(norm1(x))))))``, 1x1 ``conv_out`` on the skip when
     the width changes (official ``ResBlock`` of vqmodel.py; no dropout, no time embedding)."""
 
-    def __init__(self, in_channels: int, out_channels: int | None = None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int | None = None, norm_groups: int = NORM_GROUPS
+    ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)  # the autoencoder's GroupNorm (eps 1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_out = nn.Conv2d(in_channels, out_channels, kernel_size=1)
@@ -98,14 +97,20 @@ class FuseLayer(nn.Module):
     fidelity to the LR input against the generated detail.
     """
 
-    def __init__(self, channels: int, num_rrdb: int = 2, num_grow_ch: int = 32) -> None:
+    def __init__(
+        self,
+        channels: int,
+        num_rrdb: int = 2,
+        num_grow_ch: int = 32,
+        norm_groups: int = NORM_GROUPS,
+    ) -> None:
         super().__init__()
         if num_rrdb < 1:
             raise ValueError(f"FuseLayer: num_rrdb must be >= 1, got {num_rrdb}")
         self.channels = channels
-        self.encode_enc_1 = FuseResBlock(2 * channels, channels)
+        self.encode_enc_1 = FuseResBlock(2 * channels, channels, norm_groups)
         self.encode_enc_2 = nn.Sequential(*(RRDB(channels, num_grow_ch) for _ in range(num_rrdb)))
-        self.encode_enc_3 = FuseResBlock(channels, channels)
+        self.encode_enc_3 = FuseResBlock(channels, channels, norm_groups)
 
     def forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float = 1.0) -> torch.Tensor:
         if enc.shape != dec.shape:

@@ -13,10 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: GroupNorm groups of the LDM / Stable Diffusion autoencoders (every released checkpoint).
+NORM_GROUPS = 32
 
-def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 (LDM name)
-    """GroupNorm with 32 groups, eps 1e-6, affine (LDM ``Normalize``)."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+def Normalize(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:  # noqa: N802 (LDM name)
+    """GroupNorm, eps 1e-6, affine (LDM ``Normalize``; 32 groups as released).
+
+    ``groups`` is a model parameter for narrow models: at 32 channels, 32 groups normalise
+    every channel on its own (an instance norm), which erases per-image colour statistics;
+    small models want several channels per group. The parameter shapes do not depend on it.
+    """
+    if groups < 1 or channels % groups:
+        raise ValueError(
+            f"GroupNorm: {channels} channels cannot be split into {groups} groups; pick "
+            "norm_groups dividing every width of the model"
+        )
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -40,16 +53,17 @@ class ResnetBlock(nn.Module):
         out_channels: int | None = None,
         dropout: float = 0.0,
         temb_channels: int = 0,
+        norm_groups: int = NORM_GROUPS,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -71,10 +85,10 @@ class AttnBlock(nn.Module):
     the 1x1 convolutions are applied as matrix products on the token view.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm_groups: int = NORM_GROUPS) -> None:
         super().__init__()
         self.channels = channels
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, norm_groups)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ldm.autoencoders.blocks import AttnBlock, Normalize, ResnetBlock, Upsample, silu
+from ldm.autoencoders.blocks import NORM_GROUPS, AttnBlock, Normalize, ResnetBlock, Upsample, silu
 
 
 class Decoder(nn.Module):
@@ -43,6 +43,7 @@ class Decoder(nn.Module):
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
         give_pre_end: bool = False,
+        norm_groups: int = NORM_GROUPS,
     ) -> None:
         super().__init__()
         del in_channels  # accepted so one ddconfig serves encoder and decoder (LDM convention)
@@ -56,19 +57,21 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
         levels: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
             block_out = ch * ch_mult[i_level]
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                blocks.append(
+                    ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups)
+                )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_groups))
             level = nn.Module()
             level.block = blocks
             level.attn = attns
@@ -78,7 +81,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)  # up[0] is the full-resolution level (LDM order)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     # ------------------------------------------------------------------ hooks

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ldm.autoencoders.blocks import AttnBlock, Downsample, Normalize, ResnetBlock, silu
+from ldm.autoencoders.blocks import NORM_GROUPS, AttnBlock, Downsample, Normalize, ResnetBlock, silu
 
 
 class Encoder(nn.Module):
@@ -18,7 +18,8 @@ class Encoder(nn.Module):
     the level's resolution is in ``attn_resolutions``), then a downsample except
     at the last level; then ``mid`` (block, attention, block), norm, SiLU, conv.
     ``resolution`` is the nominal training size; it only decides where attention
-    sits, any input size divisible by ``f`` works.
+    sits, any input size divisible by ``f`` works. ``norm_groups``: GroupNorm groups
+    (32 in every released model).
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class Encoder(nn.Module):
         double_z: bool = True,
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
+        norm_groups: int = NORM_GROUPS,
     ) -> None:
         super().__init__()
         del out_ch  # accepted so one ddconfig serves encoder and decoder (LDM convention)
@@ -52,10 +54,12 @@ class Encoder(nn.Module):
             block_out = ch * ch_mult[i_level]
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                blocks.append(
+                    ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups)
+                )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_groups))
             level = nn.Module()
             level.block = blocks
             level.attn = attns
@@ -65,11 +69,11 @@ class Encoder(nn.Module):
             self.down.append(level)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         out_channels = 2 * z_channels if double_z else z_channels
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 

@@ -254,6 +254,10 @@ class SRFolderDataset(_SkippingDataset):
             [0,1] tensors, or a ``{target, params}`` config (see ``ldm.data.degradations``).
         seed: fix the random crop/flip of each index (e.g. for validation); ``None`` draws
             from torch's default generator (seeded per DataLoader worker).
+        channel_shuffle: random permutation of the RGB channels of each HR crop (before the
+            LR is made): a colour augmentation for small datasets; off as released.
+        cache_images: keep every decoded HR image in memory (per worker) instead of decoding
+            the file for each crop: for small datasets of big photographs.
     """
 
     def __init__(
@@ -267,6 +271,8 @@ class SRFolderDataset(_SkippingDataset):
         uint8: bool = True,
         degradation: Degradation | Mapping[str, Any] | None = None,
         seed: int | None = None,
+        channel_shuffle: bool = False,
+        cache_images: bool = False,
     ) -> None:
         super().__init__(seed)
         _check_scale_and_crop(scale, crop_size)
@@ -278,10 +284,19 @@ class SRFolderDataset(_SkippingDataset):
         self.random_crop = random_crop
         self.uint8 = uint8
         self.degradation = _build_degradation(degradation)
+        self.channel_shuffle = channel_shuffle
+        self._cache: dict[Path, torch.Tensor] | None = {} if cache_images else None
+
+    def _read(self, path: Path) -> torch.Tensor:
+        if self._cache is None:
+            return read_image(path)
+        if path not in self._cache:
+            self._cache[path] = read_image(path)
+        return self._cache[path]
 
     def _load(self, index: int, generator: torch.Generator | None) -> dict[str, Any]:
         path = self.paths[index]
-        hr = read_image(path)
+        hr = self._read(path)
         h, w = hr.shape[-2:]
         if self.crop_size is None:  # whole image, center-trimmed to a multiple of the scale
             crop_hw = ((h // self.scale) * self.scale, (w // self.scale) * self.scale)
@@ -295,6 +310,8 @@ class SRFolderDataset(_SkippingDataset):
         )
         hr = hr[:, top : top + crop_hw[0], left : left + crop_hw[1]]
         hr = _apply_flips(hr, hflip, vflip, transpose)
+        if self.channel_shuffle:
+            hr = hr[torch.randperm(3, generator=generator)]
         if self.uint8:  # the release's HR is 8-bit
             hr = torch.from_numpy(_to_u8_hwc(hr)).permute(2, 0, 1).to(torch.float32) / 255.0
         hr_hw = (hr.shape[-2], hr.shape[-1])

@@ -64,6 +64,11 @@ class AutoencoderGANModule(L.LightningModule):
         ffl_weight, ffl_alpha: focal frequency loss (0 disables it).
         adaptive_weight_param: name of the parameter the adaptive GAN weight is measured at;
             default ``decoder.conv_out.weight`` when it trains, else the last trainable one.
+        codebook: VQ codebook training (only when the codebook itself trains):
+            ``{init: kmeans|sample|none, dead_code_steps: N (0 = off), ema_decay: d|null,
+            warn_below: fraction, ...}`` (:class:`~ldm.training.codebook.CodebookTrainer`);
+            ``null`` keeps the plain recipe. Usage and perplexity are logged
+            (``train/codebook_used``, ``train/codebook_perplexity``, ...).
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class AutoencoderGANModule(L.LightningModule):
         ffl_alpha: float = 1.0,
         adaptive_weight_param: str | None = None,
         log_max_images: int = 4,
+        codebook: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -112,6 +118,7 @@ class AutoencoderGANModule(L.LightningModule):
         self.ffl = FocalFrequencyLoss(alpha=ffl_alpha) if ffl_weight > 0 else None
         self.learning_rate = float(base_learning_rate)
         self._last_layer_name = adaptive_weight_param or self._default_last_layer()
+        self.codebook_trainer = self._codebook_trainer(codebook)
 
     # ------------------------------------------------------------------ set-up
     def _load_base(self, ckpt: str, prefix: str, allowed_missing: tuple[str, ...]) -> None:
@@ -155,6 +162,21 @@ class AutoencoderGANModule(L.LightningModule):
             )
         return names
 
+    def _codebook_trainer(self, spec: Mapping[str, Any] | None):
+        """A :class:`CodebookTrainer` when the VQ codebook trains and ``spec`` asks for one."""
+        from ldm.training.codebook import CodebookTrainer
+
+        quantize = getattr(self.model, "quantize", None)
+        if spec is None or quantize is None:
+            return None
+        if "quantize.embedding.weight" not in self.trainable_names:
+            logger.info("codebook frozen (not in trainable): no codebook training")
+            return None
+        try:
+            return CodebookTrainer(quantize.embedding, **dict(spec))
+        except TypeError as err:
+            raise ConfigError(f"model.params.codebook: {err}") from None
+
     def _default_last_layer(self) -> str:
         if "decoder.conv_out.weight" in self.trainable_names:
             return "decoder.conv_out.weight"
@@ -180,8 +202,13 @@ class AutoencoderGANModule(L.LightningModule):
         return self._lpips
 
     # ------------------------------------------------------------------ forward
-    def reconstruct(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_rec, codebook_loss)`` for the batch's latent (or the HR encoding)."""
+    def reconstruct(
+        self, batch: Mapping[str, torch.Tensor], *, codebook_stats: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_rec, codebook_loss)`` for the batch's latent (or the HR encoding).
+
+        ``codebook_stats``: filled with the codebook usage of this batch (and the codebook
+        trainer's update is applied) when given."""
         hp = self.hparams
         hr = batch[hp.hr_key].float()
         # The HR encoding keeps its graph when the encoder trains (from-scratch training).
@@ -204,11 +231,28 @@ class AutoencoderGANModule(L.LightningModule):
                 skips = self.model.encode(batch[hp.lr_key].float(), return_features=True)[1]
         codebook = hr.new_zeros(())
         if hasattr(self.model, "quantize"):
-            z, codebook, _ = self.model.quantize(z)
-            x_rec = self.model.decode(z, skips=skips, quantize=False)
+            z_q, codebook, indices = self.model.quantize(z)
+            if codebook_stats is not None:
+                codebook_stats.update(self._codebook_step(z, indices))
+            x_rec = self.model.decode(z_q, skips=skips, quantize=False)
         else:
             x_rec = self.model.decode(z, skips=skips)
         return x_rec, codebook
+
+    def _codebook_step(self, z: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+        from ldm.training.codebook import perplexity
+
+        if self.codebook_trainer is None:
+            n = self.model.quantize.n_embed
+            used = indices.unique().numel() / n
+            return {"codebook_used": used, "codebook_perplexity": perplexity(indices, n)}
+        st = self.codebook_trainer.update(z, indices)
+        return {
+            "codebook_used": st.used_in_batch,
+            "codebook_perplexity": st.perplexity,
+            "codebook_used_recently": st.used_recently,
+            "codebook_restarted": float(st.restarted),
+        }
 
     def rec_losses(self, hr: torch.Tensor, x_rec: torch.Tensor) -> dict[str, torch.Tensor]:
         hp = self.hparams
@@ -232,7 +276,8 @@ class AutoencoderGANModule(L.LightningModule):
         hr = batch[hp.hr_key].float()
         bs = hr.shape[0]
 
-        x_rec, codebook = self.reconstruct(batch)
+        cb_stats: dict[str, Any] = {}
+        x_rec, codebook = self.reconstruct(batch, codebook_stats=cb_stats)
         losses = self.rec_losses(hr, x_rec)
         g_loss = -self.discriminator(x_rec.contiguous()).mean()
         factor = adopt_weight(hp.disc_factor, step, threshold=hp.disc_start)
@@ -271,6 +316,7 @@ class AutoencoderGANModule(L.LightningModule):
                 "train/logits_fake": logits_fake.detach().mean(),
             }
         )
+        logs.update({f"train/{k}": torch.tensor(float(v)) for k, v in cb_stats.items()})
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=bs)
 

@@ -51,9 +51,10 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
-def normalization(channels: int) -> GroupNorm32:
-    """The UNet's normalisation: 32 groups, eps 1e-5, affine."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, groups: int = 32) -> GroupNorm32:
+    """The UNet's normalisation: GroupNorm, eps 1e-5, affine (32 groups in every released
+    model; ``groups`` lets narrow models keep several channels per group)."""
+    return GroupNorm32(groups, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -137,6 +138,7 @@ class ResBlock(TimestepBlock):
         use_checkpoint: bool = False,
         up: bool = False,
         down: bool = False,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -144,7 +146,9 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            normalization(channels, norm_groups),
+            nn.SiLU(),
+            nn.Conv2d(channels, self.out_channels, 3, padding=1),
         )
         self.updown = up or down
         if up:
@@ -158,7 +162,7 @@ class ResBlock(TimestepBlock):
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            normalization(self.out_channels, norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
@@ -224,6 +228,7 @@ class AttentionBlock(nn.Module):
         num_head_channels: int = -1,
         use_checkpoint: bool = False,
         backend: str = "sdpa",
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -248,7 +253,7 @@ class AttentionBlock(nn.Module):
             )
         self.backend = backend
         self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 

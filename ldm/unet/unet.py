@@ -59,6 +59,8 @@ class UNetModel(nn.Module):
         ffn_moe_routing: ``"random"`` (released behaviour) or ``"average"``.
         use_checkpoint: gradient checkpointing of ResBlocks/attention during training.
         attention_backend: ``"sdpa"`` (default) or ``"xformers"`` (CUDA inputs only).
+        norm_groups: GroupNorm groups (32 in every released model; a narrow model wants
+            several channels per group, e.g. 8 groups at 32 channels).
 
     The output convolution takes ``model_channels`` inputs in the official code; that is the
     width of the last level only when ``channel_mult[0] == 1`` (the official model fails
@@ -85,16 +87,17 @@ class UNetModel(nn.Module):
         ffn_moe_routing: str = "random",
         use_checkpoint: bool = False,
         attention_backend: str = "sdpa",
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels (both are -1)")
         if not channel_mult:
             raise ValueError("channel_mult must list at least one level")
-        if model_channels % 32 or any(model_channels * m % 32 for m in channel_mult):
+        if norm_groups < 1 or any(model_channels * m % norm_groups for m in (1, *channel_mult)):
             raise ValueError(
                 f"model_channels={model_channels} x channel_mult={list(channel_mult)} must give "
-                "multiples of 32 (GroupNorm with 32 groups)"
+                f"multiples of norm_groups={norm_groups} (GroupNorm)"
             )
         if ffn_moe_experts < 0:
             raise ValueError(f"ffn_moe_experts must be >= 0, got {ffn_moe_experts}")
@@ -115,6 +118,7 @@ class UNetModel(nn.Module):
                 out_channels=ch_out,
                 use_scale_shift_norm=use_scale_shift_norm,
                 use_checkpoint=use_checkpoint,
+                norm_groups=norm_groups,
                 **kw,
             )
 
@@ -126,6 +130,7 @@ class UNetModel(nn.Module):
                     num_head_channels=num_head_channels,
                     use_checkpoint=use_checkpoint,
                     backend=attention_backend,
+                    norm_groups=norm_groups,
                 )
             ]
             if ffn_moe_experts > 0:
@@ -174,7 +179,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch),
+            normalization(ch, norm_groups),
             nn.SiLU(),
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
