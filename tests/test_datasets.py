@@ -218,3 +218,32 @@ def test_realesrgan_degradation_seeded(hr_folder):
     item = ds[0]
     assert item["lr"].shape == (3, 4, 4) and item["lr_up8"].shape == (3, 32, 32)
     assert torch.equal(item["lr"], ds[0]["lr"])
+
+
+def test_channel_shuffle_permutes_rgb_and_keeps_lr_consistent(hr_folder):
+    plain = SRFolderDataset(hr_folder, crop_size=16, scale=8, flip=False, seed=3)
+    shuffled = SRFolderDataset(
+        hr_folder, crop_size=16, scale=8, flip=False, seed=3, channel_shuffle=True
+    )
+    perms = set()
+    for i in range(len(plain)):
+        a, b = plain[i], shuffled[i]
+        # the same crop, channels permuted (the crop draw comes first from the same generator)
+        match = [next(j for j in range(3) if torch.equal(b["hr"][c], a["hr"][j])) for c in range(3)]
+        assert sorted(match) == [0, 1, 2]
+        perms.add(tuple(match))
+        assert torch.equal(b["lr"], a["lr"][match])  # LR made from the shuffled HR
+    assert len(perms) > 1 or perms != {(0, 1, 2)}
+
+
+def test_image_cache_decodes_each_file_once(hr_folder, monkeypatch):
+    import ldm.data.datasets as datasets
+
+    calls = []
+    real = datasets.read_image
+    monkeypatch.setattr(datasets, "read_image", lambda p: calls.append(p) or real(p))
+    ds = SRFolderDataset(hr_folder, crop_size=16, scale=8, cache_images=True, seed=0)
+    first = [ds[i]["hr"] for i in range(len(ds))]
+    again = [ds[i]["hr"] for i in range(len(ds))]
+    assert len(calls) == len(ds)
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
