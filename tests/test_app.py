@@ -363,7 +363,7 @@ def test_form_errors_and_no_input_answer_without_running(pool, demo_args, tmp_pa
         {"status": "Add one or more LR images first (drop them on the upload box)."}
     ]
     views = _run(controller, [COFFEE], steps=0)
-    assert views == [{"status": "❌ steps must be between 1 and 999, got 0"}]
+    assert views == [{"status": "**Error:** steps must be between 1 and 999, got 0"}]
 
 
 def test_show_picks_a_result_and_random_seeds_are_in_range(tmp_path):
@@ -423,3 +423,73 @@ def test_make_server_serves_localhost_with_one_job_per_device():
     page, launch = app_cli.make_server(args)
     assert launch["server_name"] == "127.0.0.1" and launch["share"] is False
     assert page._queue.default_concurrency_limit == 1
+
+
+def test_device_names_are_one_per_device():
+    from moe_sr.app.options import available_devices, device_name
+
+    assert device_name("cpu") == "cpu" and device_name("cuda:1") == "cuda:1"
+    assert device_name("cuda") == "cuda:0" or torch_has_accelerator()
+    assert available_devices()[0] == "cpu"
+
+
+def torch_has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
+
+
+class _CountingPipe:
+    """Stands in for the pipeline: counts how many runs are inside it at once."""
+
+    def __init__(self, shared):
+        from moe_sr.tiling import TilingConfig
+
+        self.shared, self.tiling = shared, TilingConfig()
+
+    def set_ffn_moe_routing(self, mode):
+        self.routing = mode
+
+    def __call__(self, lr, *, steps, eta, seed, color_fix, callback):
+        import torch
+
+        from moe_sr.pipeline import SRResult
+
+        with self.shared["lock"]:
+            self.shared["inside"] += 1
+            self.shared["most"] = max(self.shared["most"], self.shared["inside"])
+        try:
+            for i in range(steps):
+                time.sleep(0.02)
+                callback(i, 999 - i, None, torch.zeros(1, 3, 2 * lr.shape[1], 2 * lr.shape[2]))
+        finally:
+            with self.shared["lock"]:
+                self.shared["inside"] -= 1
+        image = torch.rand(3, 8 * lr.shape[1], 8 * lr.shape[2])
+        return SRResult(image=image, latent=torch.zeros(3, 1, 1), timings={"sample": 0.1})
+
+
+def test_two_tabs_never_run_two_jobs_on_one_device_at_once(tmp_path):
+    shared = {"lock": threading.Lock(), "inside": 0, "most": 0}
+    pool = PipelinePool(lambda d, p: _CountingPipe(shared), per_device=1)
+    runner = SRRunner(pool, model_args=[], limits=SizeLimits(), out_dir=tmp_path)
+    controller = AppController(runner, devices=["cpu"], max_steps=999)
+    lr_path = _png(tmp_path / "x.png", 8)
+    views = {}
+
+    def tab(name):
+        views[name] = _run(controller, [lr_path], session=name, steps=25)
+
+    threads = [threading.Thread(target=tab, args=(n,)) for n in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert shared["most"] == 1
+    assert all("Finished**: 1 image(s) done" in v[-1]["status"] for v in views.values())
+    waited = [
+        n
+        for n, v in views.items()
+        if any("waiting for a free slot" in x.get("status", "") for x in v)
+    ]
+    assert len(waited) >= 1

@@ -30,7 +30,8 @@ from moe_sr.app.jobs import (
 from moe_sr.app.options import MAX_SEED, RunSettings, SettingsError
 
 View = dict[str, Any]
-_ICONS = {"info": "ℹ️", "warning": "⚠️", "error": "❌"}
+#: words, not emoji: a browser without an emoji font shows those as empty boxes
+_LABELS = {"info": "", "warning": "**Warning:** ", "error": "**Error:** "}
 
 
 class AppController:
@@ -92,7 +93,7 @@ class AppController:
                     max_steps=self.max_steps, devices=self.devices, **form
                 )
             except SettingsError as err:
-                yield {"status": f"{_ICONS['error']} {err}"}
+                yield {"status": f"{_LABELS['error']}{err}"}
                 return
             if token.cancelled:
                 yield {"status": "**Cancelled** before it started."}
@@ -120,10 +121,10 @@ class AppController:
         work = lambda emit: self.runner.run(inputs, settings, token, emit)  # noqa: E731
         for event in stream(work, token):
             if isinstance(event, Message):
-                notes.append(f"{_ICONS.get(event.level, '')} {event.text}")
+                notes.append(f"{_LABELS.get(event.level, '')}{event.text}")
                 yield {"status": _status(notes)}
             elif isinstance(event, ImageFailed):
-                notes.append(f"{_ICONS['error']} {event.message}")
+                notes.append(f"{_LABELS['error']}{event.message}")
                 yield {"status": _status(notes)}
             elif isinstance(event, Step):
                 done = (event.image - 1) * event.steps + event.step

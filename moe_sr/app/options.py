@@ -39,6 +39,16 @@ def available_devices() -> list[str]:
     return devices
 
 
+def device_name(device: str | torch.device) -> str:
+    """One name per physical device (``cuda`` -> ``cuda:0``, the current one), so that the
+    pool's slots per device are really per device."""
+    dev = torch.device(device)
+    if dev.type != "cpu" and dev.index is None:
+        index = torch.accelerator.current_device_index() if torch.accelerator.is_available() else 0
+        dev = torch.device(dev.type, index)
+    return str(dev)
+
+
 def precisions_for(device: str) -> list[str]:
     """UNet precisions worth offering on ``device`` (no float16 on the CPU: slow, partial)."""
     if torch.device(device).type == "cpu":

@@ -61,7 +61,7 @@ def build_page(
                 )
                 pasted = gr.Image(
                     label="…or paste one (Ctrl+V in this box)",
-                    sources=["clipboard", "upload"],
+                    sources=["clipboard"],
                     type="filepath",
                     image_mode=None,
                     format="png",

@@ -137,6 +137,7 @@ def make_builder(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = resolve_model(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own requests, one per start
     try:
         server = make_server(args)
     except ModuleNotFoundError as err:
@@ -158,12 +159,12 @@ def make_server(args: argparse.Namespace):
     from ldm.device import resolve_device
     from moe_sr.app.controller import AppController
     from moe_sr.app.jobs import SRRunner
-    from moe_sr.app.options import RunSettings, SizeLimits, available_devices
+    from moe_sr.app.options import RunSettings, SizeLimits, available_devices, device_name
     from moe_sr.app.pool import PipelinePool
     from moe_sr.app.ui import CSS, PageInfo, build_page, theme
 
-    device = str(resolve_device(args.device))
-    devices = list(args.devices or available_devices())
+    device = device_name(resolve_device(args.device))
+    devices = list(dict.fromkeys(device_name(d) for d in args.devices or available_devices()))
     if device not in devices:
         devices.insert(0, device)
     pool = PipelinePool(make_builder(args), per_device=args.per_device)
