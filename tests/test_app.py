@@ -357,6 +357,16 @@ def test_too_large_inputs_are_refused_before_any_work(tmp_path):
     assert [type(e) for e in events] == [ImageFailed] * 3 + [Finished]
 
 
+def test_images_pil_will_not_open_are_refused_by_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 11x10 > 2x: a "decompression bomb"
+    big = tmp_path / "bomb.png"
+    Image.new("RGB", (11, 10)).save(big)
+    runner = SRRunner(PipelinePool(lambda d, p: None), model_args=[], limits=SizeLimits(),
+                      out_dir=tmp_path)  # fmt: skip
+    done = runner.run([big], _settings(), CancelToken(), lambda e: None)
+    assert done.failures[0].message.startswith("bomb.png: refused, too large to open safely")
+
+
 def test_form_errors_and_no_input_answer_without_running(pool, demo_args, tmp_path):
     controller = _controller(pool, demo_args, tmp_path)
     assert _run(controller, [], steps=4) == [
@@ -415,10 +425,12 @@ def test_the_page_builds_with_the_controller(pool, demo_args, tmp_path):
     assert {"lr-files", "run", "cancel", "status", "slider", "download", "command"} <= ids
 
 
-def test_make_server_serves_localhost_with_one_job_per_device():
+def test_make_server_serves_localhost_with_one_job_per_device(tmp_path):
     pytest.importorskip("gradio")
     args = app_cli.resolve_model(
-        app_cli.build_parser().parse_args(["--device", "cpu", "--devices", "cpu"])
+        app_cli.build_parser().parse_args(
+            ["--device", "cpu", "--devices", "cpu", "--results-dir", str(tmp_path)]
+        )
     )
     page, launch = app_cli.make_server(args)
     assert launch["server_name"] == "127.0.0.1" and launch["share"] is False
