@@ -147,14 +147,14 @@ def test_pool_one_job_per_device_and_rebuild_on_precision_change():
         with pool.acquire("cpu", "fp32") as pipe:
             order.append("first in")
             inside.set()
-            assert waited.wait(5)
+            assert waited.wait(60)
             time.sleep(0.05)
             order.append("first out")
             assert pipe.precision == "fp32"
 
     t = threading.Thread(target=first)
     t.start()
-    assert inside.wait(5)
+    assert inside.wait(60)
     with pool.acquire("other", "fp32"):  # another device: no waiting
         order.append("other device")
     with pool.acquire("cpu", "bf16", on_wait=waited.set) as pipe:  # waits for the first job
@@ -269,23 +269,13 @@ def test_cancel_stops_sampling_and_the_next_run_is_unaffected(pool, demo_args, t
     lr_path = _png(tmp_path / "c.png", 8)
     controller = _controller(pool, demo_args, tmp_path)
     before = [v for v in _run(controller, [lr_path]) if "download" in v][-1]["download"]
-    steps, views = 200, []
-    seen_step = threading.Event()
-
-    def follow():
-        for v in controller.run("tab", [str(lr_path)], None, {**FORM, "steps": steps}):
-            views.append(v)
-            if "DDIM step 3/" in v.get("status", ""):
-                seen_step.set()
-
-    t = threading.Thread(target=follow)
-    t.start()
-    assert seen_step.wait(60)
-    assert controller.cancel("tab")["status"].startswith("Cancelling")
-    t.join(30)
-    assert not t.is_alive()
+    steps, views = 500, []
+    for v in controller.run("tab", [str(lr_path)], None, {**FORM, "steps": steps}):
+        views.append(v)
+        if "DDIM step 3/" in v.get("status", ""):  # the Cancel click (another request)
+            assert controller.cancel("tab")["status"].startswith("Cancelling")
     done = [v["progress"][0] for v in views if v.get("progress")]
-    assert max(done) < 50, f"sampling went on after cancel: {max(done)} of {steps} steps"
+    assert 3 <= max(done) < steps // 2, f"sampling went on after cancel: {max(done)} steps"
     assert "**Cancelled**: sampling stopped. 0 image(s) done" in views[-1]["status"]
     assert not any("download" in v for v in views)
     assert controller.cancel("tab")["status"] == "Nothing to cancel."

@@ -172,14 +172,14 @@ def test_upload_run_download_cancel_in_chromium(chromium, server, page, tmp_path
         page.screenshot(path=shot, full_page=True)
         return
 
-    # the server keeps serving; a run of 500 steps (over a minute here) stops on Cancel
+    # the server keeps serving; a run of 500 steps (about a minute on 2 cores) stops on Cancel
     page.locator("#steps input[type=number]").fill("500")
     page.locator("#steps input[type=number]").press("Enter")
     page.locator("#run").click()
     _wait_status(page, "DDIM step 3/500")
     clicked = time.monotonic()
     page.locator("#cancel").click()
-    _wait_status(page, "Cancelled", timeout=30_000)
-    assert time.monotonic() - clicked < 20
+    _wait_status(page, "Cancelled", timeout=60_000)
+    assert time.monotonic() - clicked < 60
     assert "0 image(s) done" in _status(page)
     assert len(list(results.rglob("*_sr8x.png"))) == 1  # nothing more was written

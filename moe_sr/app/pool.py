@@ -87,8 +87,8 @@ class PipelinePool:
                     logger.info(
                         "%s slot %d: %s -> %s", device, slot.index, slot.precision, precision
                     )
-                slot.pipe, slot.precision = None, None
-                gc.collect()  # free the old pipeline before building the next one
+                    slot.pipe, slot.precision = None, None
+                    gc.collect()  # free the old pipeline before building the next one
                 slot.pipe = self._build(device, precision)
                 slot.precision = precision
             yield slot.pipe
