@@ -24,12 +24,16 @@ EXTRAS = {
     "eval": ["pyiqa==0.1.16", "scikit-image>=0.22", "scipy>=1.11"],
     # txt2img with Stable Diffusion 1.5 (FA-VAE as a drop-in decoder).
     "txt2img": ["diffusers>=0.30", "transformers>=4.40"],
+    # the local web page (moe-sr-app)
+    "app": ["gradio>=6.0,<7"],
     "dev": [
         "pytest>=8.0",
         "ruff==0.17.6",
         "scikit-image>=0.22",
         "diffusers>=0.30",
         "transformers>=4.40",
+        # the app's browser test drives Debian's chromium (apt); no browser download
+        "playwright>=1.50",
     ],
 }
 
@@ -63,6 +67,7 @@ setup(
             "moe-sr-demo = moe_sr.cli.demo:main",
             "moe-sr-demo-recipe = moe_sr.cli.demo_recipe:main",
             "moe-sr-compare = ldm.cli.compare:main",
+            "moe-sr-app = moe_sr.cli.app:main",
             "moe-sr-txt2img-latents = fa_vae.cli.txt2img_latents:main",
             "moe-sr-txt2img-decode = fa_vae.cli.txt2img_decode:main",
         ],
