@@ -19,7 +19,15 @@ CORE = [
 ]
 EXTRAS = {
     # Lightning training, logging, Real-ESRGAN degradations (basicsr: see README).
-    "train": ["lightning>=2.4", "tensorboard>=2.15", "scipy>=1.11"],
+    # (scikit-image, scikit-learn, matplotlib: the demo recipe's training photographs ship in them)
+    "train": [
+        "lightning>=2.4",
+        "tensorboard>=2.15",
+        "scipy>=1.11",
+        "scikit-image>=0.22",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+    ],
     # pyiqa is PolyForm Noncommercial since 2026-04: an optional extra on purpose.
     "eval": ["pyiqa==0.1.16", "scikit-image>=0.22", "scipy>=1.11"],
     # txt2img with Stable Diffusion 1.5 (FA-VAE as a drop-in decoder).

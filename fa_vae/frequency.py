@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.autoencoders.blocks import group_norm
+
 
 class AFNO2D(nn.Module):
     """Channel-first adaptive Fourier filter with a residual connection.
@@ -241,12 +243,12 @@ class AFFBlock(nn.Module):
     ) -> None:
         super().__init__()
         # registration order = the release's state_dict order
-        self.norm1 = nn.GroupNorm(num_groups=norm_groups, num_channels=in_channels)
+        self.norm1 = group_norm(in_channels, norm_groups, eps=1e-5)
         self.filter = AFNO2D(
             out_channels, num_blocks=num_blocks, hidden_size_factor=hidden_size_factor
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.GroupNorm(num_groups=norm_groups, num_channels=out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups, eps=1e-5)
         self.up_dim = nn.Conv2d(in_channels, out_channels, kernel_size=1)
         self.mlp = InvertedResidual(in_channels, out_channels, expand_ratio=mlp_ratio)
 

@@ -29,31 +29,39 @@ import torch
 logger = logging.getLogger(__name__)
 
 SCALE = 8
-#: Training photographs: (file stem, skimage.data function, index into a tuple result).
-#: ``cat`` is the same photo as ``chelsea`` (held out), so it is used nowhere.
-TRAIN_IMAGES: tuple[tuple[str, str, int | None], ...] = (
-    ("astronaut", "astronaut", None),
-    ("immunohistochemistry", "immunohistochemistry", None),
-    ("hubble_deep_field", "hubble_deep_field", None),
-    ("retina", "retina", None),
-    ("colorwheel", "colorwheel", None),
-    ("logo", "logo", None),
-    ("motorcycle_left", "stereo_motorcycle", 0),
-    ("motorcycle_right", "stereo_motorcycle", 1),
-    ("camera", "camera", None),
-    ("brick", "brick", None),
-    ("grass", "grass", None),
-    ("gravel", "gravel", None),
-    ("moon", "moon", None),
-    ("text", "text", None),
-    ("clock", "clock", None),
-    ("coins", "coins", None),
+#: Training photographs: (file stem, source). Sources are ``skimage:<skimage.data function>``
+#: (``[i]`` indexes a tuple result) or ``<package>:<file inside the installed package>``; all
+#: ship inside the wheels, no download. ``skimage:cat`` is the same photo as ``chelsea`` (held
+#: out), so it is used nowhere. Licences: scikit-image's data is public domain / CC0 (see
+#: skimage/data/README.txt); matplotlib's ``grace_hopper.jpg`` is a US Navy photograph (public
+#: domain); scikit-learn's ``china.jpg`` (danielbuechele) and ``flower.jpg`` (vultilion) are
+#: CC BY 2.0 (sklearn/datasets/images/README.txt).
+TRAIN_IMAGES: tuple[tuple[str, str], ...] = (
+    ("astronaut", "skimage:astronaut"),
+    ("immunohistochemistry", "skimage:immunohistochemistry"),
+    ("hubble_deep_field", "skimage:hubble_deep_field"),
+    ("retina", "skimage:retina"),
+    ("colorwheel", "skimage:colorwheel"),
+    ("logo", "skimage:logo"),
+    ("motorcycle_left", "skimage:stereo_motorcycle[0]"),
+    ("motorcycle_right", "skimage:stereo_motorcycle[1]"),
+    ("grace_hopper", "matplotlib:mpl-data/sample_data/grace_hopper.jpg"),
+    ("china", "sklearn:datasets/images/china.jpg"),
+    ("flower", "sklearn:datasets/images/flower.jpg"),
+    ("camera", "skimage:camera"),
+    ("brick", "skimage:brick"),
+    ("grass", "skimage:grass"),
+    ("gravel", "skimage:gravel"),
+    ("moon", "skimage:moon"),
+    ("text", "skimage:text"),
+    ("clock", "skimage:clock"),
+    ("coins", "skimage:coins"),
 )
 #: Held-out photographs: evaluation and the bundled examples only.
-HOLDOUT_IMAGES: tuple[tuple[str, str, int | None], ...] = (
-    ("coffee", "coffee", None),
-    ("chelsea", "chelsea", None),
-    ("rocket", "rocket", None),
+HOLDOUT_IMAGES: tuple[tuple[str, str], ...] = (
+    ("coffee", "skimage:coffee"),
+    ("chelsea", "skimage:chelsea"),
+    ("rocket", "skimage:rocket"),
 )
 #: Bundled examples: (held-out stem, top, left) of a 256 x 256 HR crop (LR 32 x 32).
 EXAMPLE_CROPS: tuple[tuple[str, int, int], ...] = (
@@ -63,16 +71,49 @@ EXAMPLE_CROPS: tuple[tuple[str, int, int], ...] = (
 )
 
 
-def skimage_photo(function: str, index: int | None = None) -> np.ndarray:
-    """An ``skimage.data`` image as RGB uint8 ``HWC`` (grey -> 3 channels, RGBA over white)."""
-    import skimage.data
+def package_photo(source: str) -> np.ndarray:
+    """The photograph ``source`` names (see :data:`TRAIN_IMAGES`) as RGB uint8 ``HWC``
+    (grey -> 3 channels, RGBA over white)."""
+    import importlib
+    import re
 
-    img = getattr(skimage.data, function)()
-    if index is not None:
-        img = img[index]
-    img = np.asarray(img)
+    kind, _, name = source.partition(":")
+    if kind == "skimage":
+        import skimage.data
+
+        m = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", name)
+        if m is None:
+            raise ValueError(f"bad skimage source {source!r}")
+        img = getattr(skimage.data, m[1])()
+        if m[2] is not None:
+            img = img[int(m[2])]
+    else:
+        from PIL import Image
+
+        try:
+            package = importlib.import_module(kind)
+        except ImportError:
+            raise ImportError(
+                f"the demo photograph {source} ships inside the {kind!r} package: "
+                "pip install -e '.[train]'"
+            ) from None
+        with Image.open(Path(package.__file__).parent / name) as f:
+            img = f.convert("RGBA" if f.mode in ("RGBA", "LA", "P") else "RGB")
+    return _rgb_u8(np.asarray(img), source)
+
+
+def is_colour(img: np.ndarray, tolerance: int = 2) -> bool:
+    """Whether an RGB uint8 image has colour (some channel differs from another)."""
+    a = img.astype(np.int16)
+    return (
+        int(np.abs(a[..., 0] - a[..., 1]).max()) > tolerance
+        or int(np.abs(a[..., 1] - a[..., 2]).max()) > tolerance
+    )
+
+
+def _rgb_u8(img: np.ndarray, source: str) -> np.ndarray:
     if img.dtype != np.uint8:
-        raise ValueError(f"skimage.data.{function} is {img.dtype}, expected uint8")
+        raise ValueError(f"{source} is {img.dtype}, expected uint8")
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=-1)
     if img.shape[-1] == 4:  # composite over white (the logo's transparent background)
@@ -156,13 +197,15 @@ def prepare_demo_data(
     """Write the demo data under ``root`` (see the module docstring); returns the HR paths.
 
     Training photographs longer than ``max_side`` are halved (MATLAB bicubic) so that reading
-    them stays cheap; ``train/epoch.txt`` lists every training photograph ``repeats`` times (the
-    training configs read it). Files are rewritten on every call (the content is deterministic), so a partial earlier run
+    them stays cheap; ``train/epoch.txt`` lists every training photograph ``repeats`` times and
+    ``train/colour.txt`` only the colour ones (the autoencoder's training set: with half of the
+    photographs grey, a small autoencoder learns to spend its 3-channel latent on luminance).
+    Files are rewritten on every call (the content is deterministic), so a partial earlier run
     is repaired. The held-out photographs never enter ``train`` or ``fa_crops``.
     """
     root = Path(root)
-    train = {stem: _shrink(skimage_photo(fn, idx), max_side) for stem, fn, idx in TRAIN_IMAGES}
-    holdout = {stem: skimage_photo(fn, idx) for stem, fn, idx in HOLDOUT_IMAGES}
+    train = {stem: _shrink(package_photo(src), max_side) for stem, src in TRAIN_IMAGES}
+    holdout = {stem: package_photo(src) for stem, src in HOLDOUT_IMAGES}
     overlap = set(train) & set(holdout)
     if overlap:  # a guard for edits of the tables above
         raise ValueError(f"images both in training and held out: {sorted(overlap)}")
@@ -175,11 +218,15 @@ def prepare_demo_data(
     }
     # One epoch = every training photograph `repeats` times (random crops differ each time):
     # fewer epoch restarts for a dataset of 16 files.
-    lines = [p.name for p in out["train"]] * repeats
-    (root / "train" / "epoch.txt").write_text(
-        "# every training photograph, repeated (see moe_sr.demo_recipe.prepare_demo_data)\n"
-        + "".join(f"hr/{name}\n" for name in lines)
-    )
+    colour = [p.name for p in out["train"] if is_colour(train[p.stem])]
+    for name, files, what in (
+        ("epoch.txt", [p.name for p in out["train"]], "every training photograph"),
+        ("colour.txt", colour, "the colour training photographs"),
+    ):
+        (root / "train" / name).write_text(
+            f"# {what}, repeated (see moe_sr.demo_recipe.prepare_demo_data)\n"
+            + "".join(f"hr/{f}\n" for f in files * repeats)
+        )
     logger.info(
         "demo data in %s: %d train, %d held-out, %d FA crops",
         root, len(out["train"]), len(out["holdout"]), len(out["fa_crops"]),
@@ -194,12 +241,12 @@ def make_examples(
 ) -> list[Path]:
     """Held-out HR crops (``hr/<name>.png``) and their x1/8 LR images (``lr/<name>.png``)."""
     out_dir = Path(out_dir)
-    photos = {stem: (fn, idx) for stem, fn, idx in HOLDOUT_IMAGES}
+    photos = dict(HOLDOUT_IMAGES)
     written = []
     for stem, top, left in crops:
         if stem not in photos:
             raise ValueError(f"{stem} is not a held-out photograph ({sorted(photos)})")
-        hr = skimage_photo(*photos[stem])[top : top + size, left : left + size]
+        hr = package_photo(photos[stem])[top : top + size, left : left + size]
         if hr.shape[:2] != (size, size):
             raise ValueError(f"crop ({top}, {left}, {size}) does not fit {stem}")
         _save_png(hr, out_dir / "hr" / f"{stem}.png")

@@ -84,7 +84,9 @@ def test_ema_update_matches_a_hand_computation():
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.tensor([[0.0], [10.0]]))
     d, eps = 0.9, 1e-5
-    trainer = CodebookTrainer(vq.embedding, init="none", dead_code_steps=0, ema_decay=d, ema_eps=eps)
+    trainer = CodebookTrainer(
+        vq.embedding, init="none", dead_code_steps=0, ema_decay=d, ema_eps=eps
+    )
     assert not vq.embedding.weight.requires_grad  # the EMA moves the codes, not the optimizer
     z = torch.tensor([[1.0], [2.0], [9.0]])
     _, _, idx = vq(_as_map(z))

@@ -17,19 +17,47 @@ from torch import nn
 NORM_GROUPS = 32
 
 
-def Normalize(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:  # noqa: N802 (LDM name)
-    """GroupNorm, eps 1e-6, affine (LDM ``Normalize``; 32 groups as released).
+class ChannelAffine(nn.Module):
+    """``x * weight + bias`` per channel: the ``norm_groups = 0`` stand-in for a GroupNorm
+    (no normalisation, same parameter names and shapes, so the layout stays LDM's)."""
 
-    ``groups`` is a model parameter for narrow models: at 32 channels, 32 groups normalise
-    every channel on its own (an instance norm), which erases per-image colour statistics;
-    small models want several channels per group. The parameter shapes do not depend on it.
-    """
-    if groups < 1 or channels % groups:
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.num_channels = channels
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+
+def group_norm(channels: int, groups: int, eps: float) -> nn.Module:
+    """``GroupNorm(groups, channels, eps)``, or :class:`ChannelAffine` for ``groups == 0``."""
+    if groups == 0:
+        return ChannelAffine(channels)
+    if groups < 0 or channels % groups:
         raise ValueError(
             f"GroupNorm: {channels} channels cannot be split into {groups} groups; pick "
-            "norm_groups dividing every width of the model"
+            "norm_groups dividing every width of the model (or 0: no normalisation)"
         )
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+
+
+def Normalize(channels: int, groups: int = NORM_GROUPS) -> nn.Module:  # noqa: N802 (LDM name)
+    """GroupNorm, eps 1e-6, affine (LDM ``Normalize``; 32 groups as released).
+
+    ``groups`` is a model parameter for narrow models. GroupNorm removes each group's spatial
+    mean and scale, so colour and brightness reach the output only as differences between the
+    channels of a group: at 32 channels, 32 groups (an instance norm) erase them entirely, and a
+    small model trained briefly learns them very slowly even with fewer groups. ``groups = 0``
+    means no normalisation (:class:`ChannelAffine`, a per-channel scale and shift with the same
+    parameters). The parameter shapes do not depend on it.
+    """
+    return group_norm(channels, groups, eps=1e-6)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from ldm.config import ConfigError, instantiate
-from ldm.registry import register
+from ldm.registry import RegistryError, lookup, register
 from ldm.training.gan_losses import (
     FocalFrequencyLoss,
     NLayerDiscriminator,
@@ -64,6 +64,11 @@ class AutoencoderGANModule(L.LightningModule):
         ffl_weight, ffl_alpha: focal frequency loss (0 disables it).
         adaptive_weight_param: name of the parameter the adaptive GAN weight is measured at;
             default ``decoder.conv_out.weight`` when it trains, else the last trainable one.
+        init_scheme: a registered initialisation applied to the freshly built model before
+            ``ckpt`` is loaded: ``box_codec`` (an autoencoder trained from scratch starts as a
+            box-filter codec, see :mod:`ldm.autoencoders.init`) or ``fa_identity`` (the FA
+            parts start as the identity, see :mod:`fa_vae.init`); ``null``: the modules' own
+            init.
         codebook: VQ codebook training (only when the codebook itself trains):
             ``{init: kmeans|sample|none, dead_code_steps: N (0 = off), ema_decay: d|null,
             warn_below: fraction, ...}`` (:class:`~ldm.training.codebook.CodebookTrainer`);
@@ -98,12 +103,18 @@ class AutoencoderGANModule(L.LightningModule):
         ffl_alpha: float = 1.0,
         adaptive_weight_param: str | None = None,
         log_max_images: int = 4,
+        init_scheme: str | None = None,
         codebook: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = instantiate(autoencoder)
+        if init_scheme is not None:
+            try:
+                lookup(init_scheme)(self.model)
+            except (RegistryError, ValueError) as err:
+                raise ConfigError(f"init_scheme {init_scheme!r}: {err}") from None
         if ckpt is not None:
             self._load_base(ckpt, ckpt_prefix, tuple(init_missing_prefixes))
         self.trainable_names = self._freeze_except(tuple(trainable))

@@ -234,7 +234,9 @@ def kmeans(data: torch.Tensor, k: int, *, iters: int = 10, seed: int = 0) -> tor
     n = data.shape[0]
     if n == 0:
         raise ValueError("k-means needs at least one vector")
-    start = torch.randperm(n, generator=gen)[:k] if n >= k else torch.randint(0, n, (k,), generator=gen)
+    start = (
+        torch.randperm(n, generator=gen)[:k] if n >= k else torch.randint(0, n, (k,), generator=gen)
+    )
     centroids = data[start.to(data.device)].clone()
     for _ in range(iters):
         assign = _nearest(data, centroids)
