@@ -80,16 +80,38 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 def tile_boxes(
-    height: int, width: int, tile: int, overlap: int, multiple: int = 1
+    height: int,
+    width: int,
+    tile: int,
+    overlap: int,
+    multiple: int = 1,
+    *,
+    balanced: bool = False,
 ) -> list[tuple[int, int, int, int]]:
-    """``(y0, y1, x0, x1)`` boxes; box sizes are ``min(tile, size)`` rounded down to ``multiple``."""
-    th = _fit(tile, height, multiple)
-    tw = _fit(tile, width, multiple)
+    """``(y0, y1, x0, x1)`` boxes; box sizes are ``min(tile, size)`` rounded down to ``multiple``.
+
+    ``balanced``: per axis, as few tiles as with ``tile`` but each only as large as needed to
+    cover the axis with ``overlap`` (``ceil((size + (n - 1) overlap) / n)``, rounded up to
+    ``multiple``): a size just above one tile gives two half-size tiles instead of two full
+    ones. With a per-tile cost that grows faster than the tile's area (the decoder's global
+    attention) this keeps the total cost proportional to the area.
+    """
+    th = _balanced(tile, height, overlap, multiple) if balanced else _fit(tile, height, multiple)
+    tw = _balanced(tile, width, overlap, multiple) if balanced else _fit(tile, width, multiple)
     return [
         (y, y + th, x, x + tw)
         for y in tile_starts(height, th, min(overlap, th - 1))
         for x in tile_starts(width, tw, min(overlap, tw - 1))
     ]
+
+
+def _balanced(tile: int, size: int, overlap: int, multiple: int) -> int:
+    t = _fit(tile, size, multiple)
+    if size <= t:
+        return t
+    n = math.ceil((size - overlap) / (t - overlap))
+    need = -(-(size + (n - 1) * overlap) // n)
+    return min(t, -(-need // multiple) * multiple)
 
 
 def _fit(tile: int, size: int, multiple: int) -> int:
@@ -164,41 +186,65 @@ class TiledDenoiser(nn.Module):
         return (out / norm).to(x_t.dtype)
 
 
+#: ``encoder_input(y0, y1, x0, x1)``: the FA-VAE encoder input of an output-pixel box
+EncoderInput = Callable[[int, int, int, int], torch.Tensor]
+#: ``callback(done, total)`` after each decoded tile
+TileCallback = Callable[[int, int], None]
+
+
 def tiled_fa_vae_decode(
     vae: nn.Module,
     z: torch.Tensor,
-    enc_input: torch.Tensor,
+    enc_input: torch.Tensor | EncoderInput,
     tile: int,
     overlap: int,
     *,
     quantize: bool = True,
+    scale: int | None = None,
+    callback: TileCallback | None = None,
 ) -> torch.Tensor:
     """Decode latent ``z`` ``[B,C,h,w]`` with LR encoder features, tile by tile.
 
     ``enc_input`` is the FA-VAE encoder input at output size (``f*h x f*w``, f = the VAE's
-    downsample factor); each latent tile is decoded with the skip features of the encoder run on
-    the matching input crop. Tiles are blended with Gaussian weights at output resolution.
+    downsample factor), or a function that makes the crop of one output-pixel box (then the
+    full-size input never exists; ``scale`` gives ``f``). Each latent tile is decoded with the
+    skip features of the encoder run on the matching input crop; tiles are balanced
+    (:func:`tile_boxes`) and blended with Gaussian weights at output resolution. Peak memory:
+    the output, its blending weights and one tile's activations.
     """
-    f = enc_input.shape[-1] // z.shape[-1]
-    if enc_input.shape[-2:] != (z.shape[-2] * f, z.shape[-1] * f):
-        raise ValueError(
-            f"encoder input {tuple(enc_input.shape)} is not {f}x the latent {tuple(z.shape)}"
-        )
     b, _, h, w = z.shape
+    if callable(enc_input):
+        if scale is None:
+            raise ValueError("give scale (output / latent size) with an encoder-input function")
+        f, crop = scale, enc_input
+    else:
+        full = enc_input
+        f = full.shape[-1] // w
+        if full.shape[-2:] != (h * f, w * f):
+            raise ValueError(
+                f"encoder input {tuple(full.shape)} is not {f}x the latent {tuple(z.shape)}"
+            )
+
+        def crop(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+            return full[..., y0:y1, x0:x1]
+
     out: torch.Tensor | None = None
     norm = torch.zeros((1, 1, h * f, w * f), device=z.device, dtype=torch.float32)
-    for y0, y1, x0, x1 in tile_boxes(h, w, tile, overlap):
-        feats = vae.encode(enc_input[..., y0 * f : y1 * f, x0 * f : x1 * f], return_features=True)[
-            1
-        ]
+    boxes = tile_boxes(h, w, tile, overlap, balanced=True)
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        enc = crop(y0 * f, y1 * f, x0 * f, x1 * f).to(device=z.device, dtype=z.dtype)
+        feats = vae.encode(enc, return_features=True)[1]
         x = vae.decode(z[..., y0:y1, x0:x1], skips=feats, quantize=quantize).float()
         if out is None:
             out = torch.zeros((b, x.shape[1], h * f, w * f), device=z.device, dtype=torch.float32)
         weight = gaussian_weights((y1 - y0) * f, (x1 - x0) * f, device=z.device)[None, None]
         out[..., y0 * f : y1 * f, x0 * f : x1 * f] += x * weight
         norm[..., y0 * f : y1 * f, x0 * f : x1 * f] += weight
+        del x, feats, enc
+        if callback is not None:
+            callback(i + 1, len(boxes))
     assert out is not None
-    return out / norm
+    return out.div_(norm)
 
 
 def crop_boxes_cover(boxes: Sequence[tuple[int, int, int, int]], height: int, width: int) -> bool:

@@ -187,15 +187,21 @@ def draw_noise(
     from generator ``b``: a sample's noise then does not depend on the batch it is in (one
     generator per image equals the single-generator draw of that image alone).
     """
-    if generator is None:
-        return torch.randn(shape, device=like.device, dtype=like.dtype)
-    if isinstance(generator, torch.Generator):
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
-        return noise.to(like.device)
+    if generator is None or isinstance(generator, torch.Generator):
+        return _randn(shape, like, generator)
     gens = list(generator)
     if len(gens) != shape[0]:
         raise ValueError(f"{len(gens)} generators for a batch of {shape[0]}: give one per sample")
-    return torch.cat([draw_noise((1, *shape[1:]), like, g) for g in gens])
+    return torch.cat([_randn((1, *shape[1:]), like, g) for g in gens])
+
+
+def _randn(
+    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
+    return noise.to(like.device)
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
