@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.data.sr_inputs import condition_x2, encoder_input, lr_to_uint8_hwc, upscaled_crop
+from ldm.data.sr_inputs import condition_x2, lr_to_uint8_hwc
 from ldm.device import resolve_device
 from ldm.diffusion.samplers import check_sampler_options, run_sampler
 from ldm.diffusion.schedule import NoiseSchedule
@@ -47,7 +47,7 @@ from moe_sr.memory import MemoryEstimate, available_bytes, gib
 from moe_sr.residency import ExpertResidency
 from moe_sr.router import TimestepRouter
 from moe_sr.stages import StageSchedule
-from moe_sr.tiling import TiledDenoiser, TilingConfig, tiled_fa_vae_decode
+from moe_sr.tiling import TiledDenoiser, TilingConfig, fa_vae_decode
 
 logger = logging.getLogger(__name__)
 
@@ -487,22 +487,10 @@ class MoESRPipeline:
         uint8 LR images of the batch). Tiled above the VAE tile: the x8 encoder input is then
         made tile by tile from the LR image (:func:`~ldm.data.sr_inputs.upscaled_crop`) and
         never held whole."""
-        z = z.to(self.vae_dtype)
-        f = SCALE // LATENT_PER_LR
-        if self.tiling.use_vae_tiles(*z.shape[-2:]):
-            if len(lr_padded) != 1:
-                raise ValueError("tiled decoding takes one image at a time")
-            img = lr_padded[0]
-            return tiled_fa_vae_decode(
-                self.vae, z, lambda *box: upscaled_crop(img, box, SCALE), self.tiling.vae_tile,
-                self.tiling.vae_overlap, scale=f, callback=callback,
-            )  # fmt: skip
-        enc_input = torch.cat([encoder_input(p, SCALE) for p in lr_padded])
-        feats = self.vae.encode(enc_input.to(self.device, self.vae_dtype), return_features=True)[1]
-        x = self.vae.decode(z, skips=feats, quantize=True).float()
-        if callback is not None:
-            callback(1, 1)
-        return x
+        return fa_vae_decode(
+            self.vae, z.to(self.vae_dtype), lr_padded, self.tiling,
+            scale=SCALE // LATENT_PER_LR, lr_scale=SCALE, callback=callback,
+        )  # fmt: skip
 
     def resident_weight_bytes(self) -> dict[str, int]:
         """Bytes of weights on the compute device: experts and VAE."""

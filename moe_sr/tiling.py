@@ -21,8 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
+
+from ldm.data.sr_inputs import encoder_input, upscaled_crop
 
 TileMode = Literal["auto", "on", "off"]
 
@@ -245,6 +248,36 @@ def tiled_fa_vae_decode(
             callback(i + 1, len(boxes))
     assert out is not None
     return out.div_(norm)
+
+
+def fa_vae_decode(
+    vae: nn.Module,
+    z: torch.Tensor,
+    lr_padded: Sequence[np.ndarray],
+    tiling: TilingConfig,
+    *,
+    scale: int = 4,
+    lr_scale: int = 8,
+    callback: TileCallback | None = None,
+) -> torch.Tensor:
+    """The pipeline's FA-VAE decode of latents ``z`` (``scale`` x smaller than the output) with
+    the features of the x``lr_scale`` bicubic LR images ``lr_padded`` (uint8 HWC, one per
+    latent). Above the VAE tile: tiled, the x8 encoder input made tile by tile from the LR
+    image (never held whole; one image at a time); below: whole, batched."""
+    if tiling.use_vae_tiles(*z.shape[-2:]):
+        if len(lr_padded) != 1:
+            raise ValueError("tiled decoding takes one image at a time")
+        img = lr_padded[0]
+        return tiled_fa_vae_decode(
+            vae, z, lambda *box: upscaled_crop(img, box, lr_scale), tiling.vae_tile,
+            tiling.vae_overlap, scale=scale, callback=callback,
+        )  # fmt: skip
+    enc = torch.cat([encoder_input(p, lr_scale) for p in lr_padded])
+    feats = vae.encode(enc.to(z.device, z.dtype), return_features=True)[1]
+    x = vae.decode(z, skips=feats, quantize=True).float()
+    if callback is not None:
+        callback(1, 1)
+    return x
 
 
 def crop_boxes_cover(boxes: Sequence[tuple[int, int, int, int]], height: int, width: int) -> bool:

@@ -516,11 +516,11 @@ def test_memory_is_estimated_and_refused_before_any_work(monkeypatch):
 
 
 def test_tiled_decode_reports_progress_and_builds_the_x8_input_per_tile(monkeypatch):
-    import moe_sr.pipeline as pipeline_mod
+    import moe_sr.tiling as tiling_mod
 
     p = make_pipe(steps=1, vae=tiny_fa_vae())
     p.tiling = TilingConfig(mode="auto", latent_tile=64, vae_tile=16, vae_overlap=4)
-    monkeypatch.setattr(pipeline_mod, "encoder_input", None)  # the whole x8 input: never made
+    monkeypatch.setattr(tiling_mod, "encoder_input", None)  # the whole x8 input: never made
     seen = []
     out = p(torch.rand(3, 14, 12), decode_callback=lambda i, n: seen.append((i, n)))
     assert out.image.shape == (3, 112, 96)
