@@ -83,38 +83,16 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 def tile_boxes(
-    height: int,
-    width: int,
-    tile: int,
-    overlap: int,
-    multiple: int = 1,
-    *,
-    balanced: bool = False,
+    height: int, width: int, tile: int, overlap: int, multiple: int = 1
 ) -> list[tuple[int, int, int, int]]:
-    """``(y0, y1, x0, x1)`` boxes; box sizes are ``min(tile, size)`` rounded down to ``multiple``.
-
-    ``balanced``: per axis, as few tiles as with ``tile`` but each only as large as needed to
-    cover the axis with ``overlap`` (``ceil((size + (n - 1) overlap) / n)``, rounded up to
-    ``multiple``): a size just above one tile gives two half-size tiles instead of two full
-    ones. With a per-tile cost that grows faster than the tile's area (the decoder's global
-    attention) this keeps the total cost proportional to the area.
-    """
-    th = _balanced(tile, height, overlap, multiple) if balanced else _fit(tile, height, multiple)
-    tw = _balanced(tile, width, overlap, multiple) if balanced else _fit(tile, width, multiple)
+    """``(y0, y1, x0, x1)`` boxes; box sizes are ``min(tile, size)`` rounded down to ``multiple``."""
+    th = _fit(tile, height, multiple)
+    tw = _fit(tile, width, multiple)
     return [
         (y, y + th, x, x + tw)
         for y in tile_starts(height, th, min(overlap, th - 1))
         for x in tile_starts(width, tw, min(overlap, tw - 1))
     ]
-
-
-def _balanced(tile: int, size: int, overlap: int, multiple: int) -> int:
-    t = _fit(tile, size, multiple)
-    if size <= t:
-        return t
-    n = math.ceil((size - overlap) / (t - overlap))
-    need = -(-(size + (n - 1) * overlap) // n)
-    return min(t, -(-need // multiple) * multiple)
 
 
 def _fit(tile: int, size: int, multiple: int) -> int:
@@ -211,9 +189,15 @@ def tiled_fa_vae_decode(
     ``enc_input`` is the FA-VAE encoder input at output size (``f*h x f*w``, f = the VAE's
     downsample factor), or a function that makes the crop of one output-pixel box (then the
     full-size input never exists; ``scale`` gives ``f``). Each latent tile is decoded with the
-    skip features of the encoder run on the matching input crop; tiles are balanced
-    (:func:`tile_boxes`) and blended with Gaussian weights at output resolution. Peak memory:
-    the output, its blending weights and one tile's activations.
+    skip features of the encoder run on the matching input crop; tiles are blended with
+    Gaussian weights at output resolution. Time and memory: one tile's work per tile (the tile
+    count grows with the area) plus the output and its blending weights.
+
+    Full-size tiles spread evenly (overlaps larger than ``overlap`` where the size is not a
+    multiple) decode better than tiles shrunk to the minimum overlap: on the tiny test model
+    shrinking them lost 2-7 dB against the untiled decode, so the tile size is the knob: on a
+    CPU keep it within the range where one tile's cost follows its area (<= 128 latent px,
+    ``BENCHMARKS.md``).
     """
     b, _, h, w = z.shape
     if callable(enc_input):
@@ -233,7 +217,7 @@ def tiled_fa_vae_decode(
 
     out: torch.Tensor | None = None
     norm = torch.zeros((1, 1, h * f, w * f), device=z.device, dtype=torch.float32)
-    boxes = tile_boxes(h, w, tile, overlap, balanced=True)
+    boxes = tile_boxes(h, w, tile, overlap)
     for i, (y0, y1, x0, x1) in enumerate(boxes):
         enc = crop(y0 * f, y1 * f, x0 * f, x1 * f).to(device=z.device, dtype=z.dtype)
         feats = vae.encode(enc, return_features=True)[1]
