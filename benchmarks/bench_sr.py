@@ -253,7 +253,7 @@ def _gb(x: float | None) -> str:
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"8x SR, full-size random weights, LR {args.lr_size}x{args.lr_size} -> "
+        f"8x SR, {args.config} with random weights, LR {args.lr_size}x{args.lr_size} -> "
         f"{8 * args.lr_size}x{8 * args.lr_size}, {args.sampler} {args.steps} steps"
         f"{' (torch.compile)' if args.compile else ''}, UNet {args.dtype}, "
         f"FFN-MoE routing {args.routing}, median of {args.repeats} run(s) per policy; "
