@@ -12,6 +12,16 @@
     python benchmarks/bench_fa_vae.py --device cuda --repeats 10
     python benchmarks/bench_fa_vae.py --device cpu --repeats 1 --threads 2
 
+3. ``--sweep LR_SIZES``: the SR pipeline's whole decode step (``moe_sr.tiling.fa_vae_decode``:
+   LR x8 encoder features + quantize + FA decoder, tiled above ``--vae-tile`` latent px with the
+   encoder input made tile by tile; ``--tile-mode off`` for the untiled decode) for square LR
+   inputs of each size, random weights of ``--preset``; time and peak memory in total and per
+   output megapixel, each size in a fresh subprocess:
+
+    python benchmarks/bench_fa_vae.py --sweep 32 64 96 128 160 192 256 \
+        --weights assets/demo/fa_vae.safetensors --device cpu --threads 1 --repeats 1
+    python benchmarks/bench_fa_vae.py --sweep 32 64 128 256 --device cuda --repeats 3
+
 Prints a markdown table. Peak memory is the extra memory of the measured call over the
 memory held before it (weights, inputs): CUDA ``max_memory_allocated``; on the CPU each
 case runs in a fresh subprocess and reports its peak resident set size minus the resident
@@ -108,6 +118,90 @@ def measure(case: str, size: int, device: torch.device, repeats: int, warmup: in
     return {"case": case, "ms": 1000 * statistics.median(times), "peak_mib": peak}
 
 
+def measure_decode(lr_size: int, args: argparse.Namespace) -> dict:
+    """The pipeline's decode of a random latent for a random ``lr_size`` square LR image."""
+    import numpy as np
+
+    from ldm.config import instantiate, load_config
+    from moe_sr.tiling import TilingConfig, fa_vae_decode
+
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    if args.weights:
+        from ldm.checkpoint import load_pretrained
+
+        vae = load_pretrained(args.weights, kinds=("autoencoder",)).to(device).eval()
+    else:
+        vae = instantiate(load_config(args.preset)).to(device).eval()
+    lr = np.random.default_rng(0).integers(0, 256, (lr_size, lr_size, 3), dtype=np.uint8)
+    z = torch.randn(1, vae.latent_channels, 2 * lr_size, 2 * lr_size, generator=g).to(device)
+    tiling = TilingConfig(mode=args.tile_mode, vae_tile=args.vae_tile, vae_overlap=args.vae_overlap)
+    tiles = []
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            fa_vae_decode(vae, z, [lr], tiling)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        else:
+            base = _rss_mib()
+        times, cpu_times = [], []
+        for _ in range(args.repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = fa_vae_decode(vae, z, [lr], tiling, callback=lambda i, n: tiles.append(n))
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+            del out
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    mpx = (8 * lr_size) ** 2 / 1e6
+    cpu = statistics.median(cpu_times)
+    return {"lr": lr_size, "out": 8 * lr_size, "tiles": tiles[-1], "s": statistics.median(times),
+            "cpu_s": cpu, "peak_mib": peak, "cpu_s_per_mpx": cpu / mpx,
+            "mib_per_mpx": peak / mpx}  # fmt: skip
+
+
+def _sweep(args: argparse.Namespace) -> str:
+    rows = []
+    for lr_size in args.sweep:
+        if torch.device(args.device).type == "cpu":
+            cmd = [sys.executable, __file__, "--sweep-child", str(lr_size), *_sweep_flags(args)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+        else:
+            rows.append(measure_decode(lr_size, args))
+            torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    lines = [
+        f"FA-VAE decode sweep ({args.weights or args.preset + ', random weights'}): tiling "
+        f"{args.tile_mode}, VAE tile "
+        f"{args.vae_tile} latent px (overlap {args.vae_overlap}), device {args.device}, "
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, median of "
+        f"{args.repeats}",
+        "",
+        "| LR px | output px | tiles | wall s | CPU s | CPU s / Mpx | peak extra MiB | MiB / Mpx |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['lr']} | {r['out']} | {r['tiles']} | {r['s']:.2f} | {r['cpu_s']:.2f} | "
+            f"{r['cpu_s_per_mpx']:.2f} | {r['peak_mib']:.0f} | {r['mib_per_mpx']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _sweep_flags(args: argparse.Namespace) -> list[str]:
+    return ["--device", args.device, "--repeats", str(args.repeats), "--warmup",
+            str(args.warmup), "--threads", str(args.threads), "--preset", args.preset,
+            "--tile-mode", args.tile_mode, "--vae-tile", str(args.vae_tile),
+            "--vae-overlap", str(args.vae_overlap)] + (
+            ["--weights", args.weights] if args.weights else [])  # fmt: skip
+
+
 def _measure_in_subprocess(case: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, __file__, "--child", case, "--device", args.device,
@@ -148,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--sweep", nargs="+", type=int, metavar="LR", help="LR sizes (px)")
+    parser.add_argument("--preset", default="fa_vae/vq_f4_fa", help="FA-VAE preset (sweep)")
+    parser.add_argument("--weights", help="our FA-VAE .safetensors instead of random weights")
+    parser.add_argument("--tile-mode", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--vae-tile", type=int, default=128, help="latent px (sweep)")
+    parser.add_argument("--vae-overlap", type=int, default=16, help="latent px (sweep)")
+    parser.add_argument("--sweep-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.warmup is None:
@@ -156,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(args.child, args.size, device, args.repeats, args.warmup)))
+        return
+    if args.sweep_child:
+        print(json.dumps(measure_decode(args.sweep_child, args)))
+        return
+    if args.sweep:
+        print(_sweep(args))
         return
     results = {}
     for case in args.cases:

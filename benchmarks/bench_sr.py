@@ -20,6 +20,16 @@ also writes a torch.profiler trace and op table of the measured image per policy
     python benchmarks/bench_sr.py                       # CPU, 4 steps (slow: minutes)
     python benchmarks/bench_sr.py --device cuda --steps 200 --dtype fp16 --vae-fp32 \
         --policies resident offload offload-noprefetch
+    python benchmarks/bench_sr.py --device cuda --sampler unipc --steps 15 --dtype fp16 \
+        --vae-fp32 --policies resident [--compile]     # a few-step solver (+ torch.compile)
+
+**Throughput mode** (``--throughput``): images per second for batch sizes ``--batch-sizes``
+(default 1 4 8) over ``--images`` images of one size, any pipeline preset with random weights
+(``--config demo/sr8x_demo`` is small enough for a CPU), batch sizes interleaved over
+``--repeats`` rounds, in one process:
+
+    python benchmarks/bench_sr.py --throughput --config demo/sr8x_demo --lr-size 32 \
+        --sampler unipc --steps 10 --images 8 --threads 1
 """
 
 from __future__ import annotations
@@ -61,8 +71,8 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def run_policy(args: argparse.Namespace) -> dict:
-    """Build the full-size pipeline, super-resolve one image, return the measurements."""
+def build_random_pipeline(args: argparse.Namespace, policy: str = "resident"):
+    """The pipeline of ``args.config`` with random weights (experts are copies of one)."""
     import fa_vae.targets  # noqa: F401
     import ldm.targets  # noqa: F401  (register targets also without `pip install -e .`)
     from ldm.config import instantiate, load_config
@@ -72,27 +82,38 @@ def run_policy(args: argparse.Namespace) -> dict:
     from moe_sr.tiling import TilingConfig
 
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    cfg = load_config("moe_sr/sr8x")
-    t0 = time.perf_counter()
+    cfg = load_config(args.config)
+    stages = StageSchedule(list(cfg.stages))
     first = instantiate(cfg.unet).eval()  # random init once; the other experts are copies
-    unets = [first] + [copy.deepcopy(first) for _ in range(3)]
-    vae = instantiate(cfg.vae).eval()
-    build_s = time.perf_counter() - t0
+    unets = [first] + [copy.deepcopy(first) for _ in range(stages.num_stages - 1)]
     pipe = MoESRPipeline(
         unets,
-        StageSchedule(list(cfg.stages)),
+        stages,
         build_schedule(cfg.schedule),
-        vae,
-        device=device,
+        instantiate(cfg.vae).eval(),
+        device=torch.device(args.device),
         dtype=DTYPES[args.dtype],
         vae_dtype=torch.float32 if args.vae_fp32 else None,
-        offload=args.policy.startswith("offload"),
-        prefetch=False if args.policy == "offload-noprefetch" else None,
+        offload=policy.startswith("offload"),
+        prefetch=False if policy == "offload-noprefetch" else None,
         ffn_moe_routing=args.routing,
         steps=args.steps,
+        sampler=args.sampler,
+        spacing=args.spacing,
         tiling=TilingConfig(mode="off"),
     )
+    if args.compile:
+        for u in pipe.unets:
+            u.compile()
+    return pipe
+
+
+def run_policy(args: argparse.Namespace) -> dict:
+    """Build the full-size pipeline, super-resolve one image, return the measurements."""
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    pipe = build_random_pipeline(args, args.policy)
+    build_s = time.perf_counter() - t0
     cuda = device.type == "cuda"
     lr = torch.rand(3, args.lr_size, args.lr_size)
     warmup = args.warmup_steps if args.warmup_steps is not None else (4 if cuda else 0)
@@ -140,6 +161,8 @@ def run_policy(args: argparse.Namespace) -> dict:
     sample_s = result.timings["sample"]
     out = {
         "policy": args.policy,
+        "sampler": args.sampler,
+        "compile": args.compile,
         "device": str(device),
         "dtype": args.dtype,
         "vae_dtype": str(pipe.vae_dtype).replace("torch.", ""),
@@ -164,6 +187,44 @@ def run_policy(args: argparse.Namespace) -> dict:
         "peak_rss_bytes": _peak_rss(),
     }
     return out
+
+
+def run_throughput(args: argparse.Namespace) -> str:
+    """Images per second of ``pipe.run_batch`` per batch size (see the module docstring)."""
+    device = torch.device(args.device)
+    pipe = build_random_pipeline(args)
+    g = torch.Generator().manual_seed(0)
+    lrs = [torch.rand(3, args.lr_size, args.lr_size, generator=g) for _ in range(args.images)]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    pipe.run_batch(lrs[: max(args.batch_sizes)], steps=2)  # warm-up (largest batch)
+    rates: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
+    for r in range(args.repeats):
+        for b in args.batch_sizes if r % 2 == 0 else args.batch_sizes[::-1]:
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, len(lrs), b):
+                pipe.run_batch(lrs[i : i + b], seeds=list(range(i, min(i + b, len(lrs)))))
+            sync()
+            rates[b].append(len(lrs) / (time.perf_counter() - t0))
+    base = _median(rates[args.batch_sizes[0]])
+    lines = [
+        f"throughput: {args.config} (random weights), LR {args.lr_size}x{args.lr_size} -> "
+        f"{8 * args.lr_size}x{8 * args.lr_size}, {args.sampler} {args.steps} steps, UNet "
+        f"{args.dtype}, {args.images} images, median of {args.repeats} interleaved round(s); "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)"
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        "",
+        f"| batch size | images / s | vs batch {args.batch_sizes[0]} |",
+        "|---:|---:|---:|",
+    ]
+    for b in args.batch_sizes:
+        lines.append(f"| {b} | {_median(rates[b]):.3f} | {_median(rates[b]) / base:.2f}x |")
+    return "\n".join(lines)
 
 
 def _median(xs: list[float]) -> float:
@@ -192,8 +253,9 @@ def _gb(x: float | None) -> str:
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"8x SR, full-size random weights, LR {args.lr_size}x{args.lr_size} -> "
-        f"{8 * args.lr_size}x{8 * args.lr_size}, {args.steps} DDIM steps, UNet {args.dtype}, "
+        f"8x SR, {args.config} with random weights, LR {args.lr_size}x{args.lr_size} -> "
+        f"{8 * args.lr_size}x{8 * args.lr_size}, {args.sampler} {args.steps} steps"
+        f"{' (torch.compile)' if args.compile else ''}, UNet {args.dtype}, "
         f"FFN-MoE routing {args.routing}, median of {args.repeats} run(s) per policy; "
         f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -255,9 +317,22 @@ def main(argv: list[str] | None = None) -> int:
                    "0 on the CPU)")  # fmt: skip
     p.add_argument("--profile", metavar="PREFIX",
                    help="write PREFIX_<policy>_<dtype>.json/.txt torch.profiler files")  # fmt: skip
+    p.add_argument("--config", default="moe_sr/sr8x", help="pipeline preset (random weights)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp-2m", "unipc"])
+    p.add_argument("--spacing", help="the sampler's timestep spacing (default: its own)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the expert UNets")
+    p.add_argument("--throughput", action="store_true", help="images/s per batch size")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
+    p.add_argument("--images", type=int, default=8, help="images per throughput round")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--policy", help=argparse.SUPPRESS)  # internal: run one policy, print JSON
     p.add_argument("--json", help="also write the measurements to this JSON file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.throughput:
+        print(run_throughput(args))
+        return 0
     if args.policy:
         print(json.dumps(run_policy(args)))
         return 0
@@ -266,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         for policy in args.policies:  # hit all of them alike
             cmd = [sys.executable, __file__, "--policy", policy, "--device", args.device,
                    "--steps", str(args.steps), "--dtype", args.dtype,
-                   "--lr-size", str(args.lr_size), "--routing", args.routing]  # fmt: skip
+                   "--lr-size", str(args.lr_size), "--routing", args.routing,
+                   "--config", args.config, "--sampler", args.sampler]  # fmt: skip
             cmd += ["--vae-fp32"] if args.vae_fp32 else []
+            cmd += ["--compile"] if args.compile else []
+            cmd += ["--spacing", args.spacing] if args.spacing else []
+            cmd += ["--threads", str(args.threads)] if args.threads else []
             if args.warmup_steps is not None:
                 cmd += ["--warmup-steps", str(args.warmup_steps)]
             if args.profile:

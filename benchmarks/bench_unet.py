@@ -1,15 +1,17 @@
 """Benchmark: the full-size 8x SR expert UNet and its FFN-MoE layer.
 
 1. One forward of ``configs/unet/sr8x_expert.yaml`` (random weights, batch ``--batch``,
-   ``--size`` x ``--size`` latent) per FFN-MoE routing mode: ``random`` (released behaviour),
-   ``random`` with cached stacked expert weights, ``average``, and ``random`` with packed
-   experts (the SR pipeline's layout: the stack is a view). Median time and peak memory.
+   ``--size`` x ``--size`` latent) per FFN-MoE routing mode: ``random`` (released behaviour; the
+   experts are packed, as every built UNet is: the expert stack is a view) and ``average``.
+   Median time and peak memory.
 2. One FFN-MoE layer alone (640 channels, 16 experts, ``(size/8)^2`` tokens = the released
-   experts' attention resolution): ours (batched experts) vs a straightforward per-expert
-   loop (the released algorithm, below), same weights and permutation -> speed ratio.
+   experts' attention resolution): ours (batched experts) vs the released algorithm
+   (``LoopFFNMoE`` below: ``FeedForwardMoe.forward`` line by line, one call per expert), same
+   weights and permutation (outputs compared), measured **interleaved in one process**
+   (alternating order, each run timed alone) so that both see the same machine state.
 
     python benchmarks/bench_unet.py --device cuda              # full size (128x128 latent)
-    python benchmarks/bench_unet.py --device cpu --size 64 --threads 2 --repeats 3
+    python benchmarks/bench_unet.py --device cpu --size 64 --threads 1 --repeats 21
 
 Prints a markdown table. Peak memory: CUDA ``max_memory_allocated`` per measurement; on the
 CPU the process' peak resident set size so far (monotonic, so an upper bound).
@@ -87,13 +89,8 @@ def bench_unet(args, device: torch.device, dtype: torch.dtype) -> list[tuple[str
     x = torch.randn(args.batch, 6, args.size, args.size, device=device, dtype=dtype)
     t = torch.full((args.batch,), 500, device=device, dtype=torch.long)
     rows = []
-    for name, mode, cache in (
-        ("random (default: cached expert stack)", "random", True),
-        ("random, no cache (experts stacked per forward)", "random", False),
-        ("average", "average", True),
-    ):
+    for name, mode in (("random (packed experts, the default)", "random"), ("average", "average")):
         model.set_ffn_moe_routing(mode, generator=torch.Generator().manual_seed(0))
-        model.cache_ffn_moe_weights(cache)
 
         def run():
             with torch.inference_mode():
@@ -101,17 +98,26 @@ def bench_unet(args, device: torch.device, dtype: torch.dtype) -> list[tuple[str
 
         ms, mib = measure(run, device, args.warmup, args.repeats)
         rows.append((f"UNet forward, {name}", ms, mib))
-    model.pack_ffn_moe_experts()  # the pipeline's layout: the expert stack is a view
-    model.set_ffn_moe_routing("random", generator=torch.Generator().manual_seed(0))
-    model.cache_ffn_moe_weights(False)
-
-    def run_packed():
-        with torch.inference_mode():
-            return model(x, t)
-
-    ms, mib = measure(run_packed, device, args.warmup, args.repeats)
-    rows.append(("UNet forward, random, packed experts (as in the SR pipeline)", ms, mib))
     return rows
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median ms of each function, timed one call at a time in alternating order."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[n]()
+            _sync(device)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def bench_ffn_moe(args, device: torch.device, dtype: torch.dtype):
@@ -122,41 +128,32 @@ def bench_ffn_moe(args, device: torch.device, dtype: torch.dtype):
     x = torch.randn(args.batch, 640, side, side, device=device, dtype=dtype)
     perm = torch.randperm(side * side)
     layer.set_routing("fixed", perm=perm)
+    avg = FFNMoE(640, num_experts=16).to(device, dtype).eval()
+    avg.load_state_dict(layer.state_dict())
+    avg.set_routing("average")
     loop = LoopFFNMoE(layer)
     perm_dev = perm.to(device)
     with torch.inference_mode():
         err = (layer(x) - loop(x, perm_dev)).abs().max().item()
 
-    def timed(fn):
+    def inference(fn):
         def run():
             with torch.inference_mode():
                 return fn()
 
-        return measure(run, device, args.warmup, max(args.repeats, 5))
+        return run
 
-    rows = []
-    loop_ms, loop_mib = timed(lambda: loop(x, perm_dev))
-    rows.append(("FFN-MoE layer, per-expert loop (released algorithm)", loop_ms, loop_mib))
-    cached_ms, cached_mib = timed(lambda: layer(x))
-    rows.append(("FFN-MoE layer, ours batched (default: cached stack)", cached_ms, cached_mib))
-    layer.cache_stacked_weights = False
-    layer.clear_cache()
-    ours_ms, ours_mib = timed(lambda: layer(x))
-    rows.append(("FFN-MoE layer, ours batched (stack per call)", ours_ms, ours_mib))
-    layer.cache_stacked_weights = True
-    layer.set_routing("average")
-    avg_ms, avg_mib = timed(lambda: layer(x))
-    rows.append(("FFN-MoE layer, average (one FFN)", avg_ms, avg_mib))
-    layer.pack_experts()
-    layer.set_routing("fixed", perm=perm)
-    packed_ms, packed_mib = timed(lambda: layer(x))
-    rows.append(("FFN-MoE layer, ours batched (packed experts: the stack is a view)",
-                 packed_ms, packed_mib))  # fmt: skip
-    ratios = {
-        "batched (default: cached stack)": loop_ms / cached_ms,
-        "batched (stack per call)": loop_ms / ours_ms,
-        "batched (packed experts)": loop_ms / packed_ms,
+    fns = {
+        "FFN-MoE layer, per-expert loop (released algorithm)": inference(lambda: loop(x, perm_dev)),
+        "FFN-MoE layer, ours batched (packed experts: the stack is a view)": inference(
+            lambda: layer(x)
+        ),
+        "FFN-MoE layer, average (one FFN)": inference(lambda: avg(x)),
     }
+    medians = interleaved(fns, device, args.warmup, max(args.repeats, 5))
+    names = list(fns)
+    rows = [(n, ms, _peak_mib(device)) for n, ms in medians.items()]
+    ratios = {"batched (packed experts)": medians[names[0]] / medians[names[1]]}
     return rows, ratios, err, side * side
 
 
@@ -189,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.dtype}, batch {args.batch}, latent {args.size}x{args.size} "
         f"(FFN-MoE at {tokens} tokens), median of {args.repeats} (FFN layer: "
-        f"{max(args.repeats, 5)}) after {args.warmup} warm-up"
+        f"{max(args.repeats, 5)}, interleaved) after {args.warmup} warm-up"
     )
     mem = "peak GPU MiB" if device.type == "cuda" else "process peak RSS MiB"
     print(f"\n| what | median ms | {mem} |\n|---|---:|---:|")

@@ -153,6 +153,9 @@ def pipeline_from_parts(
     """A pipeline from built modules, with the config's schedule, stages and defaults."""
     sampler = dict(cfg.get("sampler") or {})
     defaults: dict[str, Any] = {
+        "sampler": sampler.get("name", "ddim"),
+        "spacing": sampler.get("spacing"),
+        "restart_at_stages": sampler.get("restart_at_stages", False),
         "steps": sampler.get("steps", 200),
         "eta": sampler.get("eta", 1.0),
         "seed": sampler.get("seed", 42),
@@ -183,8 +186,8 @@ def build_pipeline(
     """Config + expert checkpoints (released ``.ckpt`` or our ``.safetensors``) + FA-VAE weights.
 
     ``pipeline_kwargs`` go to :class:`MoESRPipeline` (``device``, ``dtype``, ``vae_dtype``,
-    ``offload``, ``steps``, ``eta``, ``seed``, ``color_fix``, ``ffn_moe_routing``, ``tiling``);
-    ``None`` values keep the config's defaults.
+    ``offload``, ``sampler``, ``spacing``, ``steps``, ``eta``, ``seed``, ``color_fix``,
+    ``ffn_moe_routing``, ``tiling``); ``None`` values keep the config's defaults.
     """
     cfg = load_pipeline_config(config, overrides)
     if vae is None:

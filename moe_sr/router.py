@@ -92,16 +92,18 @@ class TimestepRouter:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Any) -> torch.Tensor:
         batch = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
+        t = torch.as_tensor(t)
         if t.ndim == 0:
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(
                 f"t must have shape [{batch}] (one timestep per sample), got {tuple(t.shape)}"
             )
-        # the expert choice happens on the host: one device sync per call (as the release's
-        # ``t[0].item()``), then index tensors go back to the data's device
-        stage = self.stages.stage_of(t.cpu())
+        # The expert is chosen on the host. The samplers pass t as a CPU tensor (they know their
+        # timesteps there), so this needs no device-to-host copy; a t on the device costs one
+        # sync here (as the release's ``t[0].item()``).
+        t_host = t if t.device.type == "cpu" else t.cpu()
+        stage = self.stages.stage_of(t_host)
         unique = torch.unique(stage).tolist()
         if len(unique) == 1:
             return self._use(unique[0])(x_t, t, cond)
@@ -112,11 +114,12 @@ class TimestepRouter:
             unique.insert(0, self.current_stage)
         out: torch.Tensor | None = None
         for k in unique:
-            idx = (stage == k).nonzero().squeeze(1).to(x_t.device)
-            eps_k = self._use(k)(x_t[idx], t[idx], _take(cond, idx, batch))
+            idx = (stage == k).nonzero().squeeze(1)
+            idx_dev = idx.to(x_t.device)
+            eps_k = self._use(k)(x_t[idx_dev], t[idx.to(t.device)], _take(cond, idx_dev, batch))
             if out is None:
                 out = eps_k.new_empty((batch, *eps_k.shape[1:]))
-            out[idx] = eps_k
+            out[idx_dev] = eps_k
         assert out is not None
         return out
 

@@ -21,8 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
+
+from ldm.data.sr_inputs import encoder_input, upscaled_crop
 
 TileMode = Literal["auto", "on", "off"]
 
@@ -164,41 +167,101 @@ class TiledDenoiser(nn.Module):
         return (out / norm).to(x_t.dtype)
 
 
+#: ``encoder_input(y0, y1, x0, x1)``: the FA-VAE encoder input of an output-pixel box
+EncoderInput = Callable[[int, int, int, int], torch.Tensor]
+#: ``callback(done, total)`` after each decoded tile
+TileCallback = Callable[[int, int], None]
+
+
 def tiled_fa_vae_decode(
     vae: nn.Module,
     z: torch.Tensor,
-    enc_input: torch.Tensor,
+    enc_input: torch.Tensor | EncoderInput,
     tile: int,
     overlap: int,
     *,
     quantize: bool = True,
+    scale: int | None = None,
+    callback: TileCallback | None = None,
 ) -> torch.Tensor:
     """Decode latent ``z`` ``[B,C,h,w]`` with LR encoder features, tile by tile.
 
     ``enc_input`` is the FA-VAE encoder input at output size (``f*h x f*w``, f = the VAE's
-    downsample factor); each latent tile is decoded with the skip features of the encoder run on
-    the matching input crop. Tiles are blended with Gaussian weights at output resolution.
+    downsample factor), or a function that makes the crop of one output-pixel box (then the
+    full-size input never exists; ``scale`` gives ``f``). Each latent tile is decoded with the
+    skip features of the encoder run on the matching input crop; tiles are blended with
+    Gaussian weights at output resolution. Time and memory: one tile's work per tile (the tile
+    count grows with the area) plus the output and its blending weights.
+
+    Full-size tiles spread evenly (overlaps larger than ``overlap`` where the size is not a
+    multiple) decode better than tiles shrunk to the minimum overlap: on the tiny test model
+    shrinking them lost 2-7 dB against the untiled decode, so the tile size is the knob: on a
+    CPU keep it within the range where one tile's cost follows its area (<= 128 latent px,
+    ``BENCHMARKS.md``).
     """
-    f = enc_input.shape[-1] // z.shape[-1]
-    if enc_input.shape[-2:] != (z.shape[-2] * f, z.shape[-1] * f):
-        raise ValueError(
-            f"encoder input {tuple(enc_input.shape)} is not {f}x the latent {tuple(z.shape)}"
-        )
     b, _, h, w = z.shape
+    if callable(enc_input):
+        if scale is None:
+            raise ValueError("give scale (output / latent size) with an encoder-input function")
+        f, crop = scale, enc_input
+    else:
+        full = enc_input
+        f = full.shape[-1] // w
+        if full.shape[-2:] != (h * f, w * f):
+            raise ValueError(
+                f"encoder input {tuple(full.shape)} is not {f}x the latent {tuple(z.shape)}"
+            )
+
+        def crop(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+            return full[..., y0:y1, x0:x1]
+
     out: torch.Tensor | None = None
     norm = torch.zeros((1, 1, h * f, w * f), device=z.device, dtype=torch.float32)
-    for y0, y1, x0, x1 in tile_boxes(h, w, tile, overlap):
-        feats = vae.encode(enc_input[..., y0 * f : y1 * f, x0 * f : x1 * f], return_features=True)[
-            1
-        ]
+    boxes = tile_boxes(h, w, tile, overlap)
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        enc = crop(y0 * f, y1 * f, x0 * f, x1 * f).to(device=z.device, dtype=z.dtype)
+        feats = vae.encode(enc, return_features=True)[1]
         x = vae.decode(z[..., y0:y1, x0:x1], skips=feats, quantize=quantize).float()
         if out is None:
             out = torch.zeros((b, x.shape[1], h * f, w * f), device=z.device, dtype=torch.float32)
         weight = gaussian_weights((y1 - y0) * f, (x1 - x0) * f, device=z.device)[None, None]
         out[..., y0 * f : y1 * f, x0 * f : x1 * f] += x * weight
         norm[..., y0 * f : y1 * f, x0 * f : x1 * f] += weight
+        del x, feats, enc
+        if callback is not None:
+            callback(i + 1, len(boxes))
     assert out is not None
-    return out / norm
+    return out.div_(norm)
+
+
+def fa_vae_decode(
+    vae: nn.Module,
+    z: torch.Tensor,
+    lr_padded: Sequence[np.ndarray],
+    tiling: TilingConfig,
+    *,
+    scale: int = 4,
+    lr_scale: int = 8,
+    callback: TileCallback | None = None,
+) -> torch.Tensor:
+    """The pipeline's FA-VAE decode of latents ``z`` (``scale`` x smaller than the output) with
+    the features of the x``lr_scale`` bicubic LR images ``lr_padded`` (uint8 HWC, one per
+    latent). Above the VAE tile: tiled, the x8 encoder input made tile by tile from the LR
+    image (never held whole; one image at a time); below: whole, batched."""
+    if tiling.use_vae_tiles(*z.shape[-2:]):
+        if len(lr_padded) != 1:
+            raise ValueError("tiled decoding takes one image at a time")
+        img = lr_padded[0]
+        return tiled_fa_vae_decode(
+            vae, z, lambda *box: upscaled_crop(img, box, lr_scale), tiling.vae_tile,
+            tiling.vae_overlap, scale=scale, callback=callback,
+        )  # fmt: skip
+    enc = torch.cat([encoder_input(p, lr_scale) for p in lr_padded])
+    feats = vae.encode(enc.to(z.device, z.dtype), return_features=True)[1]
+    x = vae.decode(z, skips=feats, quantize=True).float()
+    if callback is not None:
+        callback(1, 1)
+    return x
 
 
 def crop_boxes_cover(boxes: Sequence[tuple[int, int, int, int]], height: int, width: int) -> bool:

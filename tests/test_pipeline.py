@@ -304,16 +304,18 @@ def test_tiled_sampling_stays_close_to_untiled():
     assert not torch.equal(out, ref)  # the tiles really ran
 
 
-def test_tiled_fa_vae_decode_stays_close_to_untiled():
-    """Tiny random FA-VAE, latent 32x32 in four 24x24 tiles (overlap 16), the encoder run per
-    tile for the skip features. Measured: PSNR ~25.5 dB (images in [0, 1])."""
+@pytest.mark.parametrize("size, tile, overlap", [(32, 24, 16), (40, 32, 8)])
+def test_tiled_fa_vae_decode_stays_close_to_untiled(size, tile, overlap):
+    """Tiny random FA-VAE, the encoder run per tile for the skip features: latent 32x32 in four
+    24x24 tiles (overlap 16), 40x40 in four 32x32 tiles (overlap 8 asked, 24 given by spreading
+    the full-size tiles). Measured: PSNR ~25.5 / ~27.6 dB (images in [0, 1])."""
     vae = tiny_fa_vae()
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(1, 3, 32, 32, generator=g)
-    enc = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
+    z = torch.randn(1, 3, size, size, generator=g)
+    enc = torch.rand(1, 3, 4 * size, 4 * size, generator=g) * 2 - 1
     with torch.no_grad():
         ref = vae.decode(z, skips=vae.encode(enc, return_features=True)[1])
-        out = tiled_fa_vae_decode(vae, z, enc, 24, 16)
+        out = tiled_fa_vae_decode(vae, z, enc, tile, overlap)
     value = psnr((out + 1) / 2, (ref + 1) / 2)
     print(f"tiled FA-VAE decode PSNR: {value:.1f} dB")
     assert value > 22, value
@@ -404,3 +406,124 @@ def test_prefetch_stream_ordering_with_fake_cuda_streams(monkeypatch):
             assert c[3] == "side" and c[1] == res.next_stage(new) and c[2] != slot
             assert log.index(("wait_stream", "side", "compute")) < log.index(("enter", "side"))
     assert res.switches == 6 and res.staged() == [0]
+
+
+# ----------------------------------------------------------------------------- batches, solvers
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "unipc"])
+def test_an_image_is_identical_alone_and_in_a_batch(sampler, monkeypatch):
+    """Seeds, x_T, per-step noise and FFN-MoE routing belong to each image: every random draw
+    of an image is the same alone and in a batch (exactly), so its output is the same up to
+    the rounding of batched kernels (oneDNN picks other conv/GEMM algorithms per batch size:
+    ~1e-6 of the image range here, far below one 8-bit level)."""
+    import ldm.diffusion.ddim as ddim_mod
+    import ldm.unet.ffn_moe as ffn_mod
+
+    draws: list[tuple[str, torch.Tensor]] = []
+    real_noise, real_perms = ddim_mod.draw_noise, ffn_mod.FFNMoE._permutations
+
+    def noise(shape, like, generator=None):
+        out = real_noise(shape, like, generator)
+        draws.append(("noise", out))
+        return out
+
+    def perms(self, batch, n):
+        out = real_perms(self, batch, n)
+        draws.append(("perm", out))
+        return out
+
+    monkeypatch.setattr(ddim_mod, "draw_noise", noise)
+    monkeypatch.setattr(ffn_mod.FFNMoE, "_permutations", perms)
+    p = make_pipe(vae=tiny_fa_vae(), steps=4, sampler=sampler)
+    g = torch.Generator().manual_seed(5)
+    lrs = [torch.rand(3, 6, 10, generator=g) for _ in range(4)]
+    alone = p(lrs[2], seed=11)
+    alone_draws, draws[:] = list(draws), []
+    batch = p.run_batch(lrs, seeds=[3, 4, 11, 6])
+    assert len(draws) == len(alone_draws) > 0
+    for (kind, got), (_, want) in zip(draws, alone_draws):
+        assert torch.equal(got[2], want[0]), kind
+    shape = p.latent_shape(6, 10)
+    x_T = p._start_latents([None, None], [torch.Generator().manual_seed(s) for s in (3, 11)], shape)
+    assert torch.equal(
+        x_T[1:], p._start_latents([None], [torch.Generator().manual_seed(11)], shape)
+    )
+    torch.testing.assert_close(batch[2].image, alone.image, rtol=0, atol=1e-4)
+    torch.testing.assert_close(batch[2].latent, alone.latent, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(batch[0].latent, batch[1].latent)
+    same_seed = p.run_batch(lrs[:2], seeds=[11, 11])  # same seed, different images
+    assert not torch.equal(same_seed[0].image, same_seed[1].image)
+
+
+def test_batches_need_one_padded_size_and_tiled_images_run_one_by_one():
+    p = make_pipe(steps=2)
+    with pytest.raises(ValueError, match="one padded size"):
+        p.run_batch([torch.rand(3, 6, 6), torch.rand(3, 10, 6)])
+    p.tiling = TilingConfig(mode="on", latent_tile=8, latent_overlap=4, vae_tile=8, vae_overlap=4)
+    lrs = [torch.rand(3, 8, 8), torch.rand(3, 8, 8)]
+    batch = p.run_batch(lrs, seeds=[1, 2])
+    assert torch.equal(batch[1].image, p(lrs[1], seed=2).image)
+
+
+def test_starting_latents_reproduce_a_seeded_run():
+    """``latents=`` replaces the seeded x_T; passing a run's own x_T back reproduces it."""
+    p = make_pipe(steps=3)
+    lr = torch.rand(3, 5, 7)
+    shape = p.latent_shape(5, 7)
+    assert shape == (3, 12, 16)  # LR padded to 6x8 (a multiple of the UNet divisor / 2)
+    x_T = torch.randn((1, *shape), generator=torch.Generator().manual_seed(42))
+    seeded = p(lr)
+    assert torch.equal(p(lr, latents=x_T[0]).image, seeded.image)
+    other = p(lr, latents=torch.zeros(shape))
+    assert not torch.equal(other.latent, seeded.latent)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        p(lr, latents=torch.zeros(3, 8, 8))
+
+
+def test_sampler_choice_and_its_checks():
+    p = make_pipe(steps=5, sampler="unipc", spacing="quadratic")
+    calls = []
+    out = p(torch.rand(3, 4, 4), callback=lambda i, t, *_: calls.append(t))
+    assert calls == [999, 639, 360, 160, 40]  # (k/5)^2 * 999, k = 5 .. 1
+    assert out.image.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="deterministic"):
+        p(torch.rand(3, 4, 4), eta=1.0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        p.set_sampler("euler")
+    ddim = p(torch.rand(3, 4, 4), sampler="ddim", eta=0.0)  # per call
+    assert ddim.image.shape == (3, 32, 32)
+
+
+def test_memory_is_estimated_and_refused_before_any_work(monkeypatch):
+    """A 4000x4000 LR input (32000x32000 output, ~12 GB as one float32 image) is refused with
+    one line before the conditioning is built or any network runs."""
+    import moe_sr.pipeline as pipeline_mod
+
+    p = make_pipe(steps=2)
+    est = p.memory_estimate(1, 8000, 8000)
+    assert est.parts["output"] >= 3 * 32000**2 * 4 * 3  # result, blend, colour fix
+    assert est.total > 40 * 2**30
+    calls = []
+    monkeypatch.setattr(pipeline_mod, "condition_x2", lambda *a: calls.append(a))
+    monkeypatch.setattr(pipeline_mod, "available_bytes", lambda device: 24 * 2**30)
+    lr = torch.zeros(4000, 4000, 3, dtype=torch.uint8).numpy()
+    with pytest.raises(MemoryError, match=r"4000x4000 px needs about .* GB .* 24.0 GB free"):
+        p(lr)
+    assert calls == []
+    monkeypatch.undo()
+    p.check_memory = False
+    monkeypatch.setattr(pipeline_mod, "available_bytes", lambda device: 1)
+    assert p(torch.rand(3, 4, 4)).image.shape == (3, 32, 32)
+
+
+def test_tiled_decode_reports_progress_and_builds_the_x8_input_per_tile(monkeypatch):
+    import moe_sr.tiling as tiling_mod
+
+    p = make_pipe(steps=1, vae=tiny_fa_vae())
+    p.tiling = TilingConfig(mode="auto", latent_tile=64, vae_tile=16, vae_overlap=4)
+    monkeypatch.setattr(tiling_mod, "encoder_input", None)  # the whole x8 input: never made
+    seen = []
+    out = p(torch.rand(3, 14, 12), decode_callback=lambda i, n: seen.append((i, n)))
+    assert out.image.shape == (3, 112, 96)
+    assert seen == [(i, 4) for i in range(1, 5)]  # latent 28x24 in 2x2 tiles

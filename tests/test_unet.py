@@ -12,7 +12,6 @@ import torch
 from ldm.config import instantiate, load_config
 from ldm.official import config_from_official
 from ldm.unet import FFNMoE, UNetModel, chunk_sizes, timestep_embedding
-from ldm.unet.ffn_moe import packed_stack
 from ldm.unet.layers import AttentionBlock
 
 PREFIX = "model.diffusion_model."
@@ -152,59 +151,89 @@ def test_identical_experts_make_routing_irrelevant():
         torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
 
 
-def test_stacked_weight_cache_follows_updates():
-    layer = _distinct_layer()
-    layer.cache_stacked_weights = True
-    x = torch.randn(1, 16, 4, 5)
-    layer.set_routing("fixed", perm=torch.randperm(20))
-    with torch.no_grad():
-        a = layer(x)
-        assert torch.equal(layer(x), a)
-        layer.load_state_dict(_distinct_layer(seed=1).state_dict())
-        b = layer(x)
-    assert not torch.allclose(a, b)
-    torch.testing.assert_close(b, _naive_moe(layer, x, layer.fixed_perm), atol=1e-5, rtol=1e-5)
-    layer.cache_stacked_weights = False
-    layer.clear_cache()
-    with torch.no_grad():
-        assert torch.equal(layer(x), b)
-    assert not layer._cache
-
-
-def test_packed_experts_are_used_without_a_copy():
+def test_layers_are_packed_when_built_and_after_every_move():
+    """The stack of expert weights is a view of the parameters (no copy, no cache): when built,
+    after .double() (which allocates every parameter anew) and after parameters were replaced
+    (load_state_dict(assign=True): packed again by the next no-grad forward)."""
     layer = _distinct_layer()
     x = torch.randn(1, 16, 4, 5)  # 20 tokens, 5 experts
     perm = torch.randperm(20)
     names = [n for n, _ in layer.named_parameters()]
+    assert layer.is_packed()
     with torch.no_grad():
         layer.set_routing("average")
         ref_avg = layer(x)
         layer.set_routing("fixed", perm=perm)
         ref = layer(x)
-        assert packed_stack([b[0].weight for b in layer.moe_blocks]) is None  # separate tensors
-        layer.pack_experts()
         assert [n for n, _ in layer.named_parameters()] == names
         w1, b1, w2, b2 = layer.stacked_weights()
         assert w1.data_ptr() == layer.moe_blocks[0][0].weight.data_ptr()  # a view, not a copy
         assert torch.equal(w2[3], layer.moe_blocks[3][3].weight)
-        assert torch.equal(layer(x), ref)
-        # views cost no memory: kept even with the stack cache switched off
-        layer.cache_stacked_weights = False
-        layer.clear_cache()
-        layer(x)
-        assert "stacked" in layer._cache
+        torch.testing.assert_close(ref, _naive_moe(layer, x, perm), atol=1e-5, rtol=1e-5)
         # an in-place update of one expert is seen through the stack
         layer.moe_blocks[2][3].bias.add_(1.0)
         assert torch.equal(layer.stacked_weights()[3][2], layer.moe_blocks[2][3].bias)
         layer.moe_blocks[2][3].bias.sub_(1.0)
         layer.set_routing("average")
         torch.testing.assert_close(layer(x), ref_avg, rtol=0, atol=1e-6)
-    # .double() allocates every parameter anew: unpacked, still correct
     layer.double()
-    assert packed_stack([b[0].weight for b in layer.moe_blocks]) is None
+    assert layer.is_packed()
     with torch.no_grad():
         layer.set_routing("fixed", perm=perm)
         torch.testing.assert_close(layer(x.double()), ref.double(), rtol=1e-6, atol=1e-6)
+    other = _distinct_layer(seed=1)
+    fresh = {k: v.clone() for k, v in other.state_dict().items()}  # separate tensors
+    layer.float().load_state_dict(fresh, assign=True)
+    assert not layer.is_packed()
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.is_packed()
+    torch.testing.assert_close(out, _naive_moe(other, x, perm), atol=1e-5, rtol=1e-5)
+
+
+def test_a_built_unet_holds_no_second_copy_of_its_experts():
+    """No-grad forwards of a UNet built from a preset allocate no stacked expert weights."""
+    model = instantiate(load_config("unet/sr8x_expert_tiny")).eval()
+    before = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.no_grad():
+        model(torch.randn(1, 6, 8, 8), torch.tensor([3]))
+        assert {p.untyped_storage().data_ptr() for p in model.parameters()} == before
+        for layer in model.ffn_moe_layers():
+            assert layer.is_packed() and layer._average is None
+            assert layer.stacked_weights()[0].untyped_storage().data_ptr() in before
+
+
+def test_per_sample_routing_makes_a_sample_independent_of_its_batch():
+    """One generator per sample: each sample draws its own permutation, so its output equals
+    the sample alone with its generator; a sequence of one equals the generator itself."""
+    layer = _distinct_layer()
+    x = torch.randn(3, 16, 3, 7)  # N = 21, not divisible by 5
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    with torch.no_grad():
+        layer.set_routing("random", generator=gens(1, 2, 3))
+        both = [layer(x), layer(x)]  # two forwards: the generators move on
+        perms = layer.last_perm
+        assert perms.shape == (3, 21)
+        for b, seed in enumerate((1, 2, 3)):
+            layer.set_routing("random", generator=gens(seed))
+            alone = [layer(x[b : b + 1]), layer(x[b : b + 1])]
+            assert torch.equal(alone[0], both[0][b : b + 1])
+            assert torch.equal(alone[1], both[1][b : b + 1])
+            assert torch.equal(layer.last_perm, perms[b])
+            ref = _naive_moe(layer, x[b : b + 1], perms[b])
+            torch.testing.assert_close(both[1][b : b + 1], ref, atol=1e-5, rtol=1e-5)
+        layer.set_routing("random", generator=torch.Generator().manual_seed(1))
+        single = layer(x)
+        layer.set_routing("random", generator=gens(1))
+        assert torch.equal(layer(x), single)  # [g] == g: one permutation for the batch
+        layer.set_routing("random", generator=gens(1, 2))
+        with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+            layer(x)
+    with pytest.raises(TypeError, match="generator"):
+        layer.set_routing("random", generator=[1, 2])
 
 
 def test_packed_experts_train_like_separate_ones():

@@ -22,7 +22,19 @@ import torch
 
 from ldm.data.resize import imresize_np
 
-__all__ = ["SRInputs", "lr_to_uint8_hwc", "make_sr_inputs", "uint8_to_signed"]
+__all__ = [
+    "SRInputs",
+    "condition_x2",
+    "encoder_input",
+    "lr_to_uint8_hwc",
+    "make_sr_inputs",
+    "uint8_to_signed",
+    "upscaled_crop",
+]
+
+#: LR pixels of context around a crop: the bicubic taps of an upscaled pixel reach at most 3
+#: LR pixels from it (kernel width 4, ``floor(u - 2)`` .. ``+5``), so 4 make every kept pixel exact
+CROP_MARGIN = 4
 
 
 class SRInputs(NamedTuple):
@@ -77,6 +89,18 @@ def uint8_to_signed(img_u8: np.ndarray) -> torch.Tensor:
     return (2.0 * (t / 255.0) - 1.0)[None]
 
 
+def condition_x2(lr_u8: np.ndarray) -> torch.Tensor:
+    """The UNet's concat condition ``[1,3,2h,2w]``: MATLAB bicubic x2 of the uint8 LR image."""
+    h, w = lr_u8.shape[:2]
+    return uint8_to_signed(imresize_np(lr_u8, output_shape=(2 * h, 2 * w)))
+
+
+def encoder_input(lr_u8: np.ndarray, factor: int = 8) -> torch.Tensor:
+    """The FA-VAE encoder input ``[1,3,factor*h,factor*w]``: MATLAB bicubic x``factor``."""
+    h, w = lr_u8.shape[:2]
+    return uint8_to_signed(imresize_np(lr_u8, output_shape=(h * factor, w * factor)))
+
+
 def make_sr_inputs(lr: np.ndarray | torch.Tensor, factor: int = 8) -> SRInputs:
     """The release's ``load_img(..., factor, return_upscale=True)`` from an in-memory LR image.
 
@@ -87,7 +111,30 @@ def make_sr_inputs(lr: np.ndarray | torch.Tensor, factor: int = 8) -> SRInputs:
     if not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor must be a positive integer, got {factor!r}")
     lr_u8 = lr_to_uint8_hwc(lr)
+    cond = condition_x2(lr_u8) if factor == 8 else uint8_to_signed(lr_u8)
+    return SRInputs(cond_x2=cond, vae_enc_input_x8=encoder_input(lr_u8, factor))
+
+
+def upscaled_crop(
+    lr_u8: np.ndarray, box: tuple[int, int, int, int], factor: int = 8
+) -> torch.Tensor:
+    """Rows ``y0:y1`` and columns ``x0:x1`` (output pixels) of the release's x``factor``
+    encoder input (``make_sr_inputs(lr_u8).vae_enc_input_x8``), made from an LR crop only.
+
+    Bit for bit the same values: for an integer scale each output pixel's bicubic weights
+    depend only on its phase, its taps stay within :data:`CROP_MARGIN` LR pixels (a crop edge
+    inside the image gets that margin; an edge at the image border mirrors like the full
+    resize), and each 1-D pass rounds per pixel. So a large image's encoder input can be made
+    tile by tile and never held whole (64x the LR pixels in float32).
+    """
     h, w = lr_u8.shape[:2]
-    enc = imresize_np(lr_u8, output_shape=(h * factor, w * factor))
-    cond = imresize_np(lr_u8, output_shape=(2 * h, 2 * w)) if factor == 8 else lr_u8
-    return SRInputs(cond_x2=uint8_to_signed(cond), vae_enc_input_x8=uint8_to_signed(enc))
+    y0, y1, x0, x1 = box
+    if not (0 <= y0 < y1 <= h * factor and 0 <= x0 < x1 <= w * factor):
+        raise ValueError(f"crop {box} outside the x{factor} image of {h}x{w}")
+    ly0, lx0 = max(0, y0 // factor - CROP_MARGIN), max(0, x0 // factor - CROP_MARGIN)
+    ly1 = min(h, -(-y1 // factor) + CROP_MARGIN)
+    lx1 = min(w, -(-x1 // factor) + CROP_MARGIN)
+    crop = np.ascontiguousarray(lr_u8[ly0:ly1, lx0:lx1])
+    up = imresize_np(crop, output_shape=((ly1 - ly0) * factor, (lx1 - lx0) * factor))
+    oy, ox = ly0 * factor, lx0 * factor
+    return uint8_to_signed(up[y0 - oy : y1 - oy, x0 - ox : x1 - ox])

@@ -16,7 +16,7 @@ The sampler only takes a denoiser (``denoiser(x_t, t, cond) -> eps``) and a sche
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +131,9 @@ def ddim_parameters(
         alphas=alphas,
         alphas_prev=alphas_prev,
         sigmas=sigmas,
-        sqrt_one_minus_alphas=torch.sqrt(1.0 - alphas),
+        # the release: ``np.sqrt(1. - ddim_alphas)`` (numpy's float32 sqrt of the float32 torch
+        # difference); torch's vectorised sqrt is one ulp off at some steps on some CPUs
+        sqrt_one_minus_alphas=torch.from_numpy(np.sqrt((1.0 - alphas).numpy())),
         eta=float(eta),
     )
 
@@ -175,13 +177,27 @@ def ddim_step(
 def draw_noise(
     shape: tuple[int, ...],
     like: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Standard normal noise shaped ``shape`` on ``like``'s device and dtype.
 
     With a generator the draw happens on the generator's device and is then moved, so a CPU
     generator gives the same numbers whatever device samples (a CUDA generator draws on CUDA).
+    A sequence of generators, one per sample (``len == shape[0]``), draws sample ``b``'s noise
+    from generator ``b``: a sample's noise then does not depend on the batch it is in (one
+    generator per image equals the single-generator draw of that image alone).
     """
+    if generator is None or isinstance(generator, torch.Generator):
+        return _randn(shape, like, generator)
+    gens = list(generator)
+    if len(gens) != shape[0]:
+        raise ValueError(f"{len(gens)} generators for a batch of {shape[0]}: give one per sample")
+    return torch.cat([_randn((1, *shape[1:]), like, g) for g in gens])
+
+
+def _randn(
+    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     if generator is None:
         return torch.randn(shape, device=like.device, dtype=like.dtype)
     noise = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
@@ -204,7 +220,7 @@ def ddim_sample(
     *,
     steps: int = 200,
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     noise_fn: NoiseFn | None = None,
     discretize: str = "uniform",
@@ -212,13 +228,15 @@ def ddim_sample(
     """Sample ``x_0`` from ``x_T`` with DDIM (LDM semantics; defaults as the SS-MoE release).
 
     Args:
-        denoiser: ``denoiser(x_t, t, cond) -> eps`` with ``t`` int64 ``[B]`` in ``[0, T)``.
+        denoiser: ``denoiser(x_t, t, cond) -> eps`` with ``t`` int64 ``[B]`` in ``[0, T)``
+            (on the CPU; the denoiser moves it to its device).
         schedule: the training noise schedule.
         x_T: the starting noise ``[B, ...]``; the sampler state is kept in at least float32.
         cond: passed unchanged to the denoiser.
         steps: number of DDIM steps (LDM "uniform" spacing, see :func:`ddim_timesteps`).
         eta: 0 = deterministic DDIM, 1 = DDPM-like (the release's setting).
-        generator: source of the per-step noise (see :func:`draw_noise`).
+        generator: source of the per-step noise (see :func:`draw_noise`; one generator per
+            sample makes each sample's noise independent of the batch).
         callback: ``callback(i, t, x, pred_x0)`` after every step.
         noise_fn: ``noise_fn(i, shape) -> noise`` overrides the noise of step ``i`` (tests feed
             recorded noise with it); not called when ``eta == 0``.
@@ -234,7 +252,9 @@ def ddim_sample(
     for i in range(num):
         index = num - 1 - i
         t_int = int(params.timesteps[index])
-        t = torch.full((batch,), t_int, dtype=torch.long, device=x.device)
+        # t on the host: the sampler knows it there, so a router picks its expert without a
+        # device-to-host copy; denoisers move t to their device (the UNet does)
+        t = torch.full((batch,), t_int, dtype=torch.long)
         eps = denoiser(x, t, cond)
         if eps.shape != x.shape:
             raise ValueError(f"denoiser returned shape {tuple(eps.shape)} for x_t {tuple(x.shape)}")

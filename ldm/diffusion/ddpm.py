@@ -88,7 +88,7 @@ def ddpm_sample(
     *,
     steps: int | None = None,
     timesteps: Sequence[int] | torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     noise_fn: NoiseFn | None = None,
     clip_x0: float | None = None,
@@ -126,7 +126,7 @@ def ddpm_sample(
             name: v[index].to(x.dtype).reshape([1] * x.ndim).to(x.device)
             for name, v in coef.items()
         }
-        t = torch.full((batch,), t_int, dtype=torch.long, device=x.device)
+        t = torch.full((batch,), t_int, dtype=torch.long)  # on the host (see ddim_sample)
         eps = denoiser(x, t, cond)
         if eps.shape != x.shape:
             raise ValueError(f"denoiser returned shape {tuple(eps.shape)} for x_t {tuple(x.shape)}")

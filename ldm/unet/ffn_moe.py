@@ -32,19 +32,19 @@ The experts run batched: the routed tokens are gathered into an ``[E, tokens_per
 tensor (padded by at most one slot per expert when ``N % E != 0``) and pushed through two
 ``torch.baddbmm`` calls over the stacked expert weights, instead of a Python loop over
 experts. The parameters stay one ``nn.Linear`` pair per expert (the released names; EMA, EWA
-and optimizers see ordinary per-expert parameters), so the batched path needs the weights
-stacked into ``[E, ...]`` tensors:
+and optimizers see ordinary per-expert parameters), but they are **packed**: each of the four
+kinds (``w1, b1, w2, b2``) is a slice of one stacked ``[E, ...]`` tensor, so without gradients
+the stack is a view (no copy, no cache, no extra memory). A layer is packed when it is built
+and again after every ``.to()`` / ``.half()`` / ``to_empty()`` (which allocate each parameter
+anew); a layer whose parameters were replaced otherwise (``load_state_dict(assign=True)``) is
+packed in place by its next no-grad forward. With gradients enabled (training) the weights
+are stacked by ``torch.stack`` on every forward (differentiable).
 
-* with gradients enabled (training) they are stacked by ``torch.stack`` on every forward
-  (differentiable; on a GPU the copy is small next to forward + backward);
-* without gradients (inference), after :meth:`FFNMoE.pack_experts`
-  (``UNetModel.pack_ffn_moe_experts()``, what the SR pipeline does) the experts' parameters are
-  slices of four stacked tensors, so the stack is a view: no copy and no extra memory;
-* without gradients and unpacked, the stack is cached and rebuilt only when an expert parameter
-  changes (in-place updates, ``load_state_dict``, ``.to()``). The cache costs one extra copy of
-  the expert weights (about 1.26 GB for a full-size fp32 expert UNet); set
-  ``cache_stacked_weights = False`` (``UNetModel.cache_ffn_moe_weights(False)``) to trade it
-  for a stack per forward, which is slow on the CPU (fresh 2x105 MB allocations per layer).
+**Per-sample routing.** ``generator`` may be a sequence of generators, one per sample of the
+batch: sample ``b`` then draws its own permutation from generator ``b`` on every forward, so an
+image's routing (and output) does not depend on the other images of its batch, and a batch of
+one with ``[g]`` equals the single generator ``g``. A single generator (or a sequence of one)
+routes the whole batch with one permutation, as the release does.
 
 Random routing draws its permutation on the CPU (as the release) and computes the token
 assignment there; one non-blocking copy moves it to the device, so a GPU forward does not wait
@@ -54,12 +54,19 @@ for the host.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ROUTING_MODES = ("random", "average", "fixed")
+
+
+def _randperm(num_tokens: int, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randperm(num_tokens)
+    return torch.randperm(num_tokens, generator=generator, device=generator.device)
 
 
 def chunk_sizes(num_tokens: int, num_experts: int) -> list[int]:
@@ -120,7 +127,8 @@ class FFNMoE(nn.Module):
         mult: hidden width multiplier (4).
         dropout: dropout between the two linears (0 in the release).
         routing: ``"random"``, ``"average"`` or ``"fixed"`` (see the module docstring).
-        generator: torch generator for ``random`` routing (``None``: torch's default CPU one).
+        generator: torch generator for ``random`` routing (``None``: torch's default CPU one),
+            or one generator per sample.
     """
 
     def __init__(
@@ -149,22 +157,23 @@ class FFNMoE(nn.Module):
             )
             for _ in range(num_experts)
         )
-        self.cache_stacked_weights = True
         self.fixed_perm: torch.Tensor | None = None
         #: the permutation used by the last ``random``/``fixed`` forward (for logging/replay)
         self.last_perm: torch.Tensor | None = None
-        self._cache: dict[str, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
+        self._average: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
         self.generator = generator
         self.set_routing(routing, generator=generator)
+        self.pack_experts()
 
     # ------------------------------------------------------------------ configuration
     def set_routing(
         self,
         mode: str,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         perm: torch.Tensor | None = None,
     ) -> None:
-        """Choose the routing mode; ``perm`` ([N] permutation) is required for ``"fixed"``."""
+        """Choose the routing mode; ``perm`` ([N] permutation) is required for ``"fixed"``;
+        ``generator``: one generator, or one per sample (see the module docstring)."""
         if mode not in ROUTING_MODES:
             raise ValueError(f"unknown FFN-MoE routing {mode!r}; use one of {ROUTING_MODES}")
         if mode == "fixed":
@@ -179,6 +188,10 @@ class FFNMoE(nn.Module):
             raise ValueError(f"perm is only used by routing 'fixed', not {mode!r}")
         else:
             self.fixed_perm = None
+        if generator is not None and not isinstance(generator, torch.Generator):
+            generator = tuple(generator)
+            if not generator or not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator must be a torch.Generator or a sequence of them")
         self.routing = mode
         self.generator = generator
 
@@ -196,49 +209,36 @@ class FFNMoE(nn.Module):
             [b[3].bias for b in blocks],
         ]
 
-    def _cached(self, name: str, build) -> tuple[torch.Tensor, ...]:
-        """``build(views_ok) -> (tensors, costs_memory)``, cached while the parameters stay the
-        same (no-grad only). Views of packed parameters cost nothing and are always kept."""
-        params = [p for group in self._expert_params() for p in group]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return build(False)[0]  # differentiable, never cached
-        key = _params_key(params)
-        hit = self._cache.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            value, costs_memory = build(True)
-        if not costs_memory or name != "stacked" or self.cache_stacked_weights:
-            self._cache[name] = (key, value)
-        return value
-
-    def _stack(self, views_ok: bool) -> tuple[tuple[torch.Tensor, ...], bool]:
-        groups = self._expert_params()
-        if views_ok:
-            views = [packed_stack(g) for g in groups]
-            if all(v is not None for v in views):
-                return tuple(views), False  # type: ignore[arg-type]
-        return tuple(torch.stack(g) for g in groups), True
-
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w1 [E, 4C, C], b1 [E, 4C], w2 [E, C, 4C], b2 [E, C])``."""
-        return self._cached("stacked", self._stack)  # type: ignore[return-value]
+        """``(w1 [E, 4C, C], b1 [E, 4C], w2 [E, C, 4C], b2 [E, C])``: views of the packed
+        parameters without gradients (packing them first if needed), a differentiable
+        ``torch.stack`` with gradients."""
+        groups = self._expert_params()
+        if torch.is_grad_enabled() and any(p.requires_grad for g in groups for p in g):
+            return tuple(torch.stack(g) for g in groups)  # type: ignore[return-value]
+        views = [packed_stack(g) for g in groups]
+        if any(v is None for v in views):
+            self.pack_experts()
+            views = [packed_stack(g) for g in self._expert_params()]
+        return tuple(views)  # type: ignore[return-value]
 
     def averaged_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The experts' parameters averaged into one FFN: ``(w1, b1, w2, b2)``."""
-
-        def build(views_ok: bool) -> tuple[tuple[torch.Tensor, ...], bool]:
-            return tuple(w.mean(0) for w in self._stack(views_ok)[0]), True
-
-        return self._cached("average", build)  # type: ignore[return-value]
+        """The experts' parameters averaged into one FFN: ``(w1, b1, w2, b2)``; cached while
+        the parameters stay the same (no-grad only)."""
+        params = [p for group in self._expert_params() for p in group]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return tuple(w.mean(0) for w in self.stacked_weights())  # type: ignore[return-value]
+        key = _params_key(params)
+        if self._average is None or self._average[0] != key:
+            with torch.no_grad():
+                self._average = (key, tuple(w.mean(0) for w in self.stacked_weights()))
+        return self._average[1]  # type: ignore[return-value]
 
     @torch.no_grad()
     def pack_experts(self) -> None:
-        """Store the experts' parameters as slices of four stacked tensors (values unchanged),
-        so inference uses the stack as a view: no copy, no cache. The parameters stay separate
-        ``nn.Parameter`` objects with the released names. ``.to()`` / ``.half()`` allocate
-        each parameter anew and undo the packing (call this again afterwards). Saving is
-        unaffected (``state_dict`` has every expert's tensor; ``save_pretrained`` writes each)."""
+        """Store the experts' parameters as slices of four stacked tensors (values unchanged;
+        a no-op when they already are). The parameters stay separate ``nn.Parameter`` objects
+        with the released names; ``state_dict`` has every expert's tensor."""
         for group in self._expert_params():
             if packed_stack(group) is None:
                 stacked = torch.stack([p.detach() for p in group])
@@ -246,23 +246,29 @@ class FFNMoE(nn.Module):
                     p.data = stacked[e]
         self.clear_cache()
 
-    def clear_cache(self) -> None:
-        """Drop the cached stacked / averaged expert weights."""
-        self._cache.clear()
+    def is_packed(self) -> bool:
+        return all(packed_stack(g) is not None for g in self._expert_params())
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), device moves: stale cache
+    def clear_cache(self) -> None:
+        """Drop the cached averaged expert weights."""
+        self._average = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .half(), to_empty(), device moves allocate each parameter anew: pack again
         self.clear_cache()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self.pack_experts()
+        return out
 
     # ------------------------------------------------------------------ routing
     def draw_permutation(self, num_tokens: int) -> torch.Tensor:
-        """One ``randperm(num_tokens)`` from ``self.generator`` (default: torch's CPU one)."""
-        g = self.generator
-        if g is None:
-            return torch.randperm(num_tokens)
-        return torch.randperm(num_tokens, generator=g, device=g.device)
+        """One ``randperm(num_tokens)`` from ``self.generator`` (default: torch's CPU one; the
+        first one of a per-sample sequence)."""
+        gens = self.generator
+        return _randperm(num_tokens, gens[0] if isinstance(gens, tuple) else gens)
 
-    def _permutation(self, num_tokens: int) -> torch.Tensor:
+    def _permutations(self, batch: int, num_tokens: int) -> torch.Tensor:
+        """``[1, N]`` (one permutation for the batch) or ``[B, N]`` (one per sample)."""
         if self.routing == "fixed":
             perm = self.fixed_perm
             assert perm is not None
@@ -271,20 +277,36 @@ class FFNMoE(nn.Module):
                     f"fixed routing: the stored permutation has {perm.numel()} entries but this "
                     f"layer sees {num_tokens} tokens (H*W); record perms at the same input size"
                 )
-        else:
-            perm = self.draw_permutation(num_tokens)
+            self.last_perm = perm
+            return perm[None]
+        gens = self.generator
+        if isinstance(gens, tuple) and len(gens) > 1:
+            if len(gens) != batch:
+                raise ValueError(
+                    f"per-sample FFN-MoE routing: {len(gens)} generators for a batch of {batch}"
+                )
+            perms = torch.stack([_randperm(num_tokens, g) for g in gens])
+            self.last_perm = perms
+            return perms
+        perm = _randperm(num_tokens, gens[0] if isinstance(gens, tuple) else gens)
         self.last_perm = perm
-        return perm
+        return perm[None]
 
     def _experts(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """Route tokens ``x`` [B, N, C] by ``perm`` [N] (any device); return the expert outputs
-        [B, N, C]. Index tensors are built where ``perm`` is and copied without a host sync."""
+        """Route tokens ``x`` [B, N, C] by ``perm`` ([1, N] shared or [B, N], any device);
+        return the expert outputs [B, N, C]. Index tensors are built where ``perm`` is and
+        copied without a host sync."""
         b, n, c = x.shape
         e = self.num_experts
         cap = -(-n // e)  # slots per expert
         pos, real = _token_slots(n, e)
-        token = perm[pos.to(perm.device)]  # [E*cap]: original token index served by each slot
-        xs = x[:, token.to(x.device, non_blocking=True)]  # [B, E*cap, C]
+        token = perm[:, pos.to(perm.device)]  # [P, E*cap]: original token served by each slot
+        shared = token.shape[0] == 1
+        idx = token.to(x.device, non_blocking=True)
+        if shared:
+            xs = x[:, idx[0]]  # [B, E*cap, C]
+        else:
+            xs = torch.gather(x, 1, idx[..., None].expand(-1, -1, c))
         xs = xs.view(b, e, cap, c).transpose(0, 1).reshape(e, b * cap, c)
         w1, b1, w2, b2 = self.stacked_weights()
         h = torch.baddbmm(b1.unsqueeze(1), xs, w1.transpose(1, 2))
@@ -292,10 +314,14 @@ class FFNMoE(nn.Module):
         ys = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # [E, B*cap, C]
         ys = ys.view(e, b, cap, c).transpose(0, 1).reshape(b, e * cap, c)
         if real is not None:  # drop the padding slots
-            ys = ys.index_select(1, real.to(x.device, non_blocking=True))
-            token = token[real.to(token.device)]
+            real_x = real.to(x.device, non_blocking=True)
+            ys = ys.index_select(1, real_x)
+            idx = idx.index_select(1, real_x)
         out = torch.empty_like(ys)
-        out[:, token.to(x.device, non_blocking=True)] = ys  # undo the permutation
+        if shared:
+            out[:, idx[0]] = ys  # undo the permutation
+        else:
+            out.scatter_(1, idx[..., None].expand(-1, -1, c), ys)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,5 +334,5 @@ class FFNMoE(nn.Module):
                 F.dropout(F.gelu(F.linear(feat, w1, b1)), self.dropout, self.training), w2, b2
             )
         else:
-            y = self._experts(feat, self._permutation(h * w))
+            y = self._experts(feat, self._permutations(b, h * w))
         return x + y.transpose(1, 2).reshape(b, c, h, w)

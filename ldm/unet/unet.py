@@ -192,13 +192,14 @@ class UNetModel(nn.Module):
     def set_ffn_moe_routing(
         self,
         mode: str,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         perms: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Set the routing of every FFN-MoE layer.
 
         ``mode``: ``"random"`` (one ``randperm`` per layer and forward from ``generator``,
-        default torch's CPU generator, drawn in call order like the release), ``"average"``
+        default torch's CPU generator, drawn in call order like the release; a sequence of
+        generators routes each sample of a batch with its own), ``"average"``
         (experts averaged into one FFN) or ``"fixed"`` (replay recorded permutations:
         ``perms[i]`` is used by the i-th layer of :meth:`ffn_moe_layers` on every forward).
         """
@@ -225,21 +226,11 @@ class UNetModel(nn.Module):
         return [layer.last_perm for layer in self.ffn_moe_layers()]
 
     def pack_ffn_moe_experts(self) -> None:
-        """Lay out every FFN-MoE layer's expert parameters as slices of stacked tensors so that
-        inference uses them without a copy or a cache (see :meth:`FFNMoE.pack_experts`)."""
+        """Lay out every FFN-MoE layer's expert parameters as slices of stacked tensors (see
+        :meth:`FFNMoE.pack_experts`). Layers are packed when built and after every ``.to()``;
+        this is only needed after replacing parameters by hand."""
         for layer in self.ffn_moe_layers():
             layer.pack_experts()
-
-    def cache_ffn_moe_weights(self, enabled: bool = True) -> None:
-        """Keep the stacked expert weights between no-grad forwards (default on).
-
-        On: fast inference, one extra copy of the expert weights in memory. Off: the
-        weights are stacked again in every forward (no extra resident memory, slower).
-        """
-        for layer in self.ffn_moe_layers():
-            layer.cache_stacked_weights = enabled
-            if not enabled:
-                layer.clear_cache()
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ exist (``--overwrite`` redoes them), so an interrupted run resumes. The metrics 
 files (per_image.csv, summary.json, table.md in ``OUT``) are those of ``moe-sr-eval-sr``
 (:func:`ldm.cli.eval_sr.evaluate_folders`); ``--compare NAME=DIR`` adds rows for other SR
 folders (e.g. bicubic) in the same table. The pipeline options are those of ``moe-sr``.
+Under ``torchrun`` the SR generation is sharded over the processes (``moe_sr.distributed``) and
+the metrics are computed once, on rank 0.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from ldm.cli.eval_sr import _parse_sr, evaluate_folders
     from moe_sr.cli.sr import run as run_sr
+    from moe_sr.distributed import Shard
 
     for flag, folder in (("--lr", args.lr), ("--hr", args.hr)):
         if not Path(folder).is_dir():
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     sr_args = argparse.Namespace(
         **vars(args), input=[args.lr], output=str(sr_dir), save_latents=False
     )
-    rc = run_sr(sr_args)
+    rc = run_sr(sr_args)  # under torchrun: this rank's share, then a final gather on rank 0
+    if Shard.from_env().rank != 0:
+        return rc  # the metrics are computed once, on rank 0, after every rank's SR
     if rc != 0:
         stderr_line(f"moe-sr-eval: the SR run did not complete (status {rc}); no evaluation")
         return rc

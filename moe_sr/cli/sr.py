@@ -10,7 +10,8 @@ Examples::
 
 Outputs keep the input file names (sorted), are written atomically, and existing ones are
 skipped unless ``--overwrite``. An unreadable image is reported and skipped; the exit status is
-1 if any image failed.
+1 if any image failed. Under ``torchrun`` each process takes its share of the sorted inputs
+(``moe_sr.distributed``) and rank 0 prints one summary.
 """
 
 from __future__ import annotations
@@ -89,8 +90,19 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     )
 
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, help="DDIM steps (config default: 200)")
-    s.add_argument("--eta", type=float, help="DDIM eta (config default: 1.0)")
+    s.add_argument(
+        "--sampler",
+        choices=["ddim", "dpmpp-2m", "unipc"],
+        help="ddim (released) or a few-step ODE solver (config default: ddim)",
+    )
+    s.add_argument("--steps", type=int, help="sampling steps (config default: 200)")
+    s.add_argument(
+        "--spacing",
+        choices=["uniform", "quad", "quadratic", "karras", "logsnr"],
+        help="timestep grid: ddim uniform|quad, solvers uniform|quadratic|karras|logsnr "
+        "(default: ddim uniform = LDM's grid, solvers logsnr)",
+    )
+    s.add_argument("--eta", type=float, help="DDIM eta (config default: 1.0; ddim only)")
     s.add_argument("--seed", type=int, help="seed, the same for every image (default: 42)")
     s.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="(default: adain)")
     s.add_argument("--ffn-moe-routing", choices=["random", "average"], help="(default: random)")
@@ -104,6 +116,12 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tile-size", type=int, help="latent tile size (latent px; x4 = output px)")
     r.add_argument("--tile-overlap", type=int, help="latent tile overlap (latent px)")
     r.add_argument("--vae-tile-size", type=int, help="FA-VAE decoding tile (latent px)")
+    r.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images of one padded size sampled together (each keeps its own seed and result)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -154,14 +172,18 @@ def run(args: argparse.Namespace) -> int:
     exit status: 0 done, 1 some image failed, 2 bad config or weights."""
     from ldm.cli.reconstruct import collect_inputs
     from ldm.config import ConfigError, dump
+    from moe_sr.distributed import Shard
 
     try:
         cfg = _config(args)
+        _check_sampling(args, cfg)
+        shard = Shard.from_env()
     except (ConfigError, ValueError) as err:
         stderr_line(f"moe-sr: {err}")
         return 2
     files, errors = collect_inputs(args.input)
-    plan = _plan(files, args)
+    plan = shard.take(_plan(files, args))  # the full sorted plan, split before any skipping
+    errors = errors if shard.rank == 0 else []  # input problems are reported once
     todo = [
         item
         for item in plan
@@ -175,20 +197,50 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if len(todo) < len(plan):
         logger.info("skipping %d image(s) whose outputs exist (--overwrite)", len(plan) - len(todo))
-    if not todo:
-        for line in errors:
-            stderr_line(f"moe-sr: {line}")
+    if todo:
+        try:
+            pipe = _build(args, cfg, shard)
+        except (ValueError, OSError, RuntimeError) as err:  # incl. ReleaseDownloadError
+            stderr_line(f"moe-sr: cannot build the pipeline: {err}")
+            errors.append(f"rank {shard.rank}: cannot build the pipeline: {err}")
+            if not shard.distributed:
+                return 2
+        else:
+            errors += _run(pipe, todo, args)
+    return _summarise(shard, len(plan), len(plan) - len(todo), errors)
+
+
+def _check_sampling(args: argparse.Namespace, cfg: dict) -> None:
+    from ldm.diffusion.samplers import check_sampler_options
+
+    sampler = args.sampler or (cfg.get("sampler") or {}).get("name", "ddim")
+    steps = args.steps or (cfg.get("sampler") or {}).get("steps", 200)
+    check_sampler_options(sampler, steps, args.eta, args.spacing)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _summarise(shard, planned: int, skipped: int, errors: list[str]) -> int:
+    """One process: the failures. Several: rank 0 prints every rank's counts and failures."""
+    from moe_sr.distributed import gather_to_rank0
+
+    if not shard.distributed:
+        return report_failures(f"moe-sr: {len(errors)} problem(s):", errors)
+    counts = {"planned": planned, "skipped": skipped, "errors": errors}
+    every = gather_to_rank0(shard, counts)
+    if every is None:
         return 1 if errors else 0
-    try:
-        pipe = _build(args, cfg)
-    except (ValueError, OSError, RuntimeError) as err:  # incl. ReleaseDownloadError
-        stderr_line(f"moe-sr: cannot build the pipeline: {err}")
-        return 2
-    errors += _run(pipe, todo, args)
-    return report_failures(f"moe-sr: {len(errors)} problem(s):", errors)
+    lines = [
+        f"rank {r}: {c['planned'] - c['skipped'] - len(c['errors'])} done, {c['skipped']} "
+        f"skipped (exist), {len(c['errors'])} failed"
+        for r, c in enumerate(every)
+    ]
+    sys.stdout.write(f"moe-sr: {shard.world_size} processes\n  " + "\n  ".join(lines) + "\n")
+    failures = [e for c in every for e in c["errors"]]
+    return report_failures(f"moe-sr: {len(failures)} problem(s):", failures)
 
 
-def _build(args: argparse.Namespace, cfg: dict):
+def _build(args: argparse.Namespace, cfg: dict, shard=None):
     from moe_sr.build import build_pipeline, find_folder_files
 
     if sum(map(bool, (args.ckpt, args.weights_dir, args.download_to))) > 1:
@@ -215,10 +267,12 @@ def _build(args: argparse.Namespace, cfg: dict):
         experts,
         vae,
         weights=args.weights,
-        device=args.device,
+        device=args.device if shard is None else shard.device(args.device),
         dtype=dtype,
         vae_dtype=torch.float32 if args.vae_fp32 else None,
         offload=args.offload,
+        sampler=args.sampler,
+        spacing=args.spacing,
         steps=args.steps,
         eta=args.eta,
         seed=args.seed,
@@ -231,31 +285,70 @@ def _run(pipe, todo: list[tuple[Path, Path, Path | None]], args: argparse.Namesp
     from tqdm import tqdm
 
     from ldm.data.image_io import ImageReadError, read_image, write_image
+    from moe_sr.batching import group_batches
 
     errors = []
-    bar = tqdm(todo, desc="images", unit="img", disable=args.quiet)
-    for src, dst, latent_path in bar:
-        bar.set_postfix_str(src.name)
-        try:
-            lr = read_image(src)
-        except (ImageReadError, OSError, ValueError) as err:
-            errors.append(f"{src}: {err}")
-            continue
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet)
+
+    def readable():
+        for item in todo:
+            try:
+                yield item, read_image(item[0])
+            except (ImageReadError, OSError, ValueError) as err:
+                errors.append(f"{item[0]}: {err}")
+                bar.update(1)
+
+    def key(entry):
+        return pipe.batch_key(*entry[1].shape[-2:])
+
+    for batch in group_batches(readable(), key, args.batch_size):
+        bar.set_postfix_str(batch[0][0][0].name + (f" +{len(batch) - 1}" if len(batch) > 1 else ""))
         steps_bar = tqdm(total=pipe.steps if args.steps is None else args.steps, desc="  steps",
                          unit="step", leave=False, disable=args.quiet)  # fmt: skip
+        decode_bar = _DecodeBar(args.quiet)
         start = time.perf_counter()
         try:
-            result = pipe(lr, callback=lambda *_, bar=steps_bar: bar.update(1))
-        except (ValueError, RuntimeError) as err:
-            errors.append(f"{src}: {err}")
+            results = pipe.run_batch(
+                [lr for _, lr in batch],
+                callback=lambda *_, bar=steps_bar: bar.update(1),
+                decode_callback=decode_bar,
+            )
+        except (ValueError, RuntimeError, MemoryError) as err:
+            errors += [f"{item[0]}: {err}" for item, _ in batch]
+            bar.update(len(batch))
             continue
         finally:
             steps_bar.close()
-        write_image(result.image, dst)
-        if latent_path is not None:
-            _save_latent(result.latent, latent_path, src, pipe, args)
-        logger.debug("%s -> %s in %.1f s", src, dst, time.perf_counter() - start)
+            decode_bar.close()
+        for ((src, dst, latent_path), _), result in zip(batch, results):
+            write_image(result.image, dst)
+            if latent_path is not None:
+                _save_latent(result.latent, latent_path, src, pipe, args)
+            bar.update(1)
+        logger.debug("%d image(s) in %.1f s", len(batch), time.perf_counter() - start)
+    bar.close()
     return errors
+
+
+class _DecodeBar:
+    """A progress bar for a tiled FA-VAE decode (``decode_callback(done, total)``)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < 2 or self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="  decode", unit="tile", leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _save_latent(latent: torch.Tensor, path: Path, src: Path, pipe, args) -> None:
