@@ -130,3 +130,33 @@ class FAKLModel(AutoencoderKL):
     def frequency_parameters(self) -> list[nn.Parameter]:
         """Parameters of ``unet_1`` (the part the release trains)."""
         return self.decoder.frequency_parameters()
+
+
+#: State-dict prefixes of the FA parts (everything else is the base LDM autoencoder).
+FA_PART_PREFIXES = ("decoder.fusion_layer_", "decoder.unet_1.")
+
+
+def base_autoencoder(model: FAVQModel) -> VQModel:
+    """The plain VQ autoencoder inside an FA-VAE: same encoder, codebook and base decoder,
+    without the fuse layers and the frequency module (a copy of the weights).
+
+    What the FA-VAE decodes "without LR help"; with the recipe's frozen base it is exactly the
+    autoencoder the FA parts were trained on top of.
+    """
+    if not isinstance(model, FAVQModel):
+        raise TypeError(f"expected a VQ FA-VAE (fa_vae_vq_f4), got {type(model).__name__}")
+    ddconfig = {
+        k: v
+        for k, v in model.ddconfig.items()
+        if k not in _MODEL_OWNED_KEYS and not k.startswith("freq_")
+    }
+    base = VQModel(
+        ddconfig,
+        model.quantize.n_embed,
+        model.latent_channels,
+        scale_factor=model.scale_factor,
+        beta=model.quantize.beta,
+    )
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(FA_PART_PREFIXES)}
+    base.load_state_dict(state, strict=True)
+    return base.to(next(model.parameters()).device).eval()

@@ -217,6 +217,17 @@ class MoESRPipeline:
         check_sampler_options(name, self.steps, None, spacing)
         self.sampler, self.spacing = name, spacing
 
+    def describe_sampling(self, steps: int | None = None) -> str:
+        """The sampling settings in words (for reports): sampler, steps, eta, seed, routing,
+        colour fix."""
+        steps = self.steps if steps is None else steps
+        eta = f", eta {self.eta}" if self.sampler == "ddim" else ""
+        spacing = f" ({self.spacing} spacing)" if self.spacing else ""
+        return (
+            f"{self.sampler}{spacing}, {steps} steps{eta}, seed {self.seed}, "
+            f"{self.ffn_moe_routing} FFN-MoE routing, colour fix {self.color_fix}"
+        )
+
     def set_color_fix(self, mode: str) -> None:
         if mode not in COLOR_FIX_MODES:
             raise ValueError(f"unknown colour fix {mode!r}; use one of {COLOR_FIX_MODES}")

@@ -51,9 +51,14 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
-def normalization(channels: int, groups: int = 32) -> GroupNorm32:
+def normalization(channels: int, groups: int = 32) -> nn.Module:
     """The UNet's normalisation: GroupNorm, eps 1e-5, affine (32 groups in every released
-    model; ``groups`` lets narrow models keep several channels per group)."""
+    model; ``groups`` lets narrow models keep several channels per group; ``0`` means no
+    normalisation, a per-channel scale and shift with the same parameters)."""
+    if groups == 0:
+        from ldm.autoencoders.blocks import ChannelAffine
+
+        return ChannelAffine(channels)
     return GroupNorm32(groups, channels)
 
 

@@ -94,7 +94,9 @@ class UNetModel(nn.Module):
             raise ValueError("set num_heads or num_head_channels (both are -1)")
         if not channel_mult:
             raise ValueError("channel_mult must list at least one level")
-        if norm_groups < 1 or any(model_channels * m % norm_groups for m in (1, *channel_mult)):
+        if norm_groups < 0 or (
+            norm_groups and any(model_channels * m % norm_groups for m in (1, *channel_mult))
+        ):
             raise ValueError(
                 f"model_channels={model_channels} x channel_mult={list(channel_mult)} must give "
                 f"multiples of norm_groups={norm_groups} (GroupNorm)"
