@@ -64,6 +64,9 @@ class AutoencoderGANModule(L.LightningModule):
         ffl_weight, ffl_alpha: focal frequency loss (0 disables it).
         adaptive_weight_param: name of the parameter the adaptive GAN weight is measured at;
             default ``decoder.conv_out.weight`` when it trains, else the last trainable one.
+        hr_latent_prob: with stored latents (``latent_key``), the probability that a training
+            batch decodes the HR images' own encodings instead: keeps the FA parts good on clean
+            latents while they learn to decode generated ones.
         init_scheme: a registered initialisation applied to the freshly built model before
             ``ckpt`` is loaded: ``box_codec`` (an autoencoder trained from scratch starts as a
             box-filter codec, see :mod:`ldm.autoencoders.init`) or ``fa_identity`` (the FA
@@ -105,6 +108,7 @@ class AutoencoderGANModule(L.LightningModule):
         log_max_images: int = 4,
         init_scheme: str | None = None,
         codebook: Mapping[str, Any] | None = None,
+        hr_latent_prob: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -226,8 +230,11 @@ class AutoencoderGANModule(L.LightningModule):
         encoder_trains = any(
             n.startswith(("encoder.", "quant_conv.")) for n in self.trainable_names
         )
+        use_stored = hp.latent_key in batch and not (
+            self.training and hp.hr_latent_prob > 0 and float(torch.rand(())) < hp.hr_latent_prob
+        )
         with torch.set_grad_enabled(encoder_trains and torch.is_grad_enabled()):
-            if hp.latent_key in batch:
+            if use_stored:
                 z = batch[hp.latent_key].float() / float(getattr(self.model, "scale_factor", 1.0))
             else:
                 enc = self.model.encode(hr)

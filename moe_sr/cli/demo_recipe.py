@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("out")
     f.add_argument("--config", default="demo/autoencoder", help="FA-VAE preset or YAML")
 
+    r = sub.add_parser("release", help="copy weight files as float16 (metadata kept)")
+    r.add_argument("files", nargs="+")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+
     v = sub.add_parser(
         "evaluate", help="the demo model's quality checks on the held-out photographs (exit 3: a "
         "target is missed)"
@@ -69,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "init-fa-vae":
         out = recipe.fa_vae_from_autoencoder(args.autoencoder, args.config, args.out)
         sys.stdout.write(f"{out}\n")
+    elif args.command == "release":
+        for f in args.files:
+            out = recipe.release_copy(f, Path(args.out) / Path(f).name, dtype=args.dtype)
+            sys.stdout.write(f"{out}\n")
     elif args.command == "evaluate":
         from moe_sr import demo_eval
         from moe_sr.build import build_pipeline_from_folder
