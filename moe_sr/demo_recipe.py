@@ -1,16 +1,16 @@
-"""The demo model's recipe: data from scikit-image's bundled photographs, exports, evaluation.
+"""The demo model's recipe: data from photographs that ship inside Python packages, exports.
 
 ``scripts/train_demo.sh`` runs these steps around ``scripts/train.py``:
 
-1. :func:`prepare_demo_data` writes the photographs that ship inside the scikit-image wheel
-   (no download) as HR PNGs (trimmed to a multiple of 8) and their MATLAB-bicubic x1/8 LR images:
+1. :func:`prepare_demo_data` writes the photographs of :data:`TRAIN_IMAGES` and
+   :data:`HOLDOUT_IMAGES` (no download) as HR PNGs (trimmed to a multiple of 8) and their MATLAB-bicubic x1/8 LR images:
    ``<root>/train/{hr,lr}``, ``<root>/holdout/{hr,lr}`` (never trained on) and
    ``<root>/fa_crops/{hr,lr}`` (fixed training crops on which the experts generate the latents
    that the FA decoder is fine-tuned on). Deterministic: same files on every run.
 2. :func:`export_autoencoder` turns an ``autoencoder_gan`` training checkpoint into one of our
    safetensors files (config in the metadata).
-3. :func:`evaluate_demo` super-resolves the held-out LR images and writes PSNR / SSIM of the demo
-   model, of bicubic upsampling and of the autoencoder's reconstruction (its ceiling) as markdown.
+3. :func:`release_copy` writes the float16 copies that ``assets/demo`` holds; the held-out
+   evaluation is :mod:`moe_sr.demo_eval`.
 
 :func:`make_examples` cuts the small LR / HR example pairs bundled in ``assets/examples``.
 """
@@ -336,110 +336,3 @@ def fa_vae_from_autoencoder(
     own.update(base)
     model.load_state_dict(own, strict=True)
     return save_pretrained(model.eval(), out, cfg)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def _read_u8(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _chw01(img_u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(img_u8)).permute(2, 0, 1).float() / 255.0
-
-
-def _psnr_ssim(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """PSNR / SSIM (RGB, no border crop) via ``ldm.evaluation`` (pyiqa); skimage fallback."""
-    pred = (pred.clamp(0, 1) * 255).round() / 255  # scores of the saved 8-bit images
-    try:
-        from ldm.evaluation import evaluate
-
-        report = evaluate(pred[None], ref[None], ["psnr", "ssim"])
-        return {"psnr": float(report.summary["psnr"]), "ssim": float(report.summary["ssim"])}
-    except ImportError:  # pyiqa missing: scikit-image's definitions
-        from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-        p = pred.permute(1, 2, 0).numpy()
-        r = ref.permute(1, 2, 0).numpy()
-        return {
-            "psnr": float(peak_signal_noise_ratio(r, p, data_range=1.0)),
-            "ssim": float(structural_similarity(r, p, data_range=1.0, channel_axis=-1)),
-        }
-
-
-@torch.no_grad()
-def evaluate_demo(
-    pipe: Any,
-    holdout_dir: str | os.PathLike = "data/demo/holdout",
-    out_dir: str | os.PathLike | None = None,
-    *,
-    steps: int | None = None,
-) -> tuple[list[dict[str, Any]], str]:
-    """Per-image PSNR / SSIM of the pipeline, bicubic and the FA-VAE reconstruction.
-
-    ``pipe`` is a built :class:`~moe_sr.pipeline.MoESRPipeline`. Returns ``(rows, markdown)``;
-    with ``out_dir`` the SR images are written there too.
-    """
-    from ldm.data.resize import imresize
-
-    holdout_dir = Path(holdout_dir)
-    hr_paths = sorted((holdout_dir / "hr").glob("*.png"))
-    if not hr_paths:
-        raise FileNotFoundError(f"no held-out images in {holdout_dir}/hr: run prepare-data")
-    rows = []
-    for hr_path in hr_paths:
-        hr_u8 = _read_u8(hr_path)
-        lr_u8 = _read_u8(holdout_dir / "lr" / hr_path.name)
-        hr = _chw01(hr_u8)
-        sr = pipe(lr_u8, steps=steps).image
-        bicubic = _chw01(imresize(lr_u8, output_shape=hr_u8.shape[:2]))
-        recon = _reconstruct(pipe.vae, hr, bicubic)  # bicubic x8 = the FA encoder's LR input
-        if out_dir is not None:
-            from ldm.data.image_io import write_image
-
-            write_image(sr, Path(out_dir) / hr_path.name)
-        row: dict[str, Any] = {"image": hr_path.stem, "size": f"{hr.shape[2]}x{hr.shape[1]}"}
-        for name, pred in (("demo", sr), ("bicubic", bicubic), ("recon", recon)):
-            for metric, value in _psnr_ssim(pred, hr).items():
-                row[f"{name}_{metric}"] = value
-        rows.append(row)
-        logger.info("%s: %s", hr_path.stem, row)
-    return rows, results_markdown(rows, steps=steps or pipe.steps)
-
-
-def _reconstruct(vae: torch.nn.Module, hr: torch.Tensor, lr_up8: torch.Tensor) -> torch.Tensor:
-    """FA-VAE reconstruction of ``hr`` with the LR features (the autoencoder's ceiling)."""
-    p = next(vae.parameters())
-    x = (hr[None] * 2 - 1).to(p.device, p.dtype)
-    lr = (lr_up8[None] * 2 - 1).to(p.device, p.dtype)
-    out = vae(x, lr_up=lr)
-    return ((out[0].float().cpu() + 1) / 2).clamp(0, 1)
-
-
-def results_markdown(rows: Sequence[Mapping[str, Any]], *, steps: int) -> str:
-    """The ``assets/demo/RESULTS.md`` table (per image and mean)."""
-    cols = [
-        ("bicubic", "bicubic"),
-        ("demo", f"demo SS-MoE ({steps} DDIM steps)"),
-        ("recon", "FA-VAE reconstruction of HR"),
-    ]
-    head = "| image | size | " + " | ".join(f"{label} PSNR / SSIM" for _, label in cols) + " |"
-    lines = [head, "|" + "---|" * (2 + len(cols))]
-
-    def cell(r: Mapping[str, Any], k: str) -> str:
-        return f"{r[f'{k}_psnr']:.2f} / {r[f'{k}_ssim']:.4f}"
-
-    for r in rows:
-        lines.append(f"| {r['image']} | {r['size']} | " + " | ".join(cell(r, k) for k, _ in cols))
-    if rows:
-        mean = {
-            f"{k}_{m}": float(np.mean([r[f"{k}_{m}"] for r in rows]))
-            for k, _ in cols
-            for m in ("psnr", "ssim")
-        }
-        lines.append("| **mean** | | " + " | ".join(cell(mean, k) for k, _ in cols))
-    lines = [line if line.endswith("|") else line + " |" for line in lines]
-    return "\n".join(lines) + "\n"

@@ -32,19 +32,24 @@ def _png(path: Path) -> np.ndarray:
 
 
 def test_recipe_tables_hold_out_coffee_chelsea_rocket_and_never_use_cat():
-    train_fns = {fn for _, fn, _ in demo_recipe.TRAIN_IMAGES}
-    held = {fn for _, fn, _ in demo_recipe.HOLDOUT_IMAGES}
-    assert held == {"coffee", "chelsea", "rocket"}
-    assert not train_fns & held
-    assert "cat" not in train_fns  # skimage's cat is the chelsea photograph
-    assert {stem for stem, _, _ in demo_recipe.EXAMPLE_CROPS} <= held
+    train_src = {src for _, src in demo_recipe.TRAIN_IMAGES}
+    held = {src for _, src in demo_recipe.HOLDOUT_IMAGES}
+    assert held == {"skimage:coffee", "skimage:chelsea", "skimage:rocket"}
+    assert not train_src & held
+    assert "skimage:cat" not in train_src  # skimage's cat is the chelsea photograph
+    for _, src in demo_recipe.TRAIN_IMAGES:  # every source ships in an installed package
+        img = demo_recipe.package_photo(src)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3
+    assert {stem for stem, _, _ in demo_recipe.EXAMPLE_CROPS} <= {
+        s for s, _ in demo_recipe.HOLDOUT_IMAGES
+    }
 
 
 def test_prepare_demo_data_small(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        demo_recipe, "TRAIN_IMAGES", (("coins", "coins", None), ("logo", "logo", None))
+        demo_recipe, "TRAIN_IMAGES", (("coins", "skimage:coins"), ("logo", "skimage:logo"))
     )
-    monkeypatch.setattr(demo_recipe, "HOLDOUT_IMAGES", (("chelsea", "chelsea", None),))
+    monkeypatch.setattr(demo_recipe, "HOLDOUT_IMAGES", (("chelsea", "skimage:chelsea"),))
     out = demo_recipe.prepare_demo_data(tmp_path / "a", fa_crops=3, fa_crop_size=64, repeats=2)
     assert [p.name for p in out["train"]] == ["coins.png", "logo.png"]
     assert [p.name for p in out["holdout"]] == ["chelsea.png"]
@@ -120,17 +125,6 @@ def test_fa_vae_from_plain_autoencoder(tmp_path):
     assert any(k.startswith("decoder.unet_1.") for k in fa_sd)
     with pytest.raises(CheckpointError, match="is not the base of"):
         demo_recipe.fa_vae_from_autoencoder(path, "demo/autoencoder", tmp_path / "x.safetensors")
-
-
-def test_results_markdown_table():
-    row = {"image": "coffee", "size": "600x400"}
-    for i, k in enumerate(("demo", "bicubic", "recon")):
-        row[f"{k}_psnr"], row[f"{k}_ssim"] = 20.0 + i, 0.5 + i / 10
-    md = demo_recipe.results_markdown([row, row], steps=50)
-    lines = md.strip().splitlines()
-    assert "demo SS-MoE (50 DDIM steps) PSNR / SSIM" in lines[0]
-    assert lines[2] == "| coffee | 600x400 | 21.00 / 0.6000 | 20.00 / 0.5000 | 22.00 / 0.7000 |"
-    assert lines[-1].startswith("| **mean** | | 21.00 / 0.6000")
 
 
 # --------------------------------------------------------------------------- demo CLI
@@ -219,16 +213,35 @@ def test_release_weights_folder_layouts(tmp_path):
 
 
 def test_evaluate_demo_on_tiny_weights(tmp_path, tiny_weights):
+    from moe_sr import demo_eval
     from moe_sr.build import build_pipeline_from_folder
 
-    lr_dir, hr_dir = _examples(tmp_path / "holdout", n=1)
+    _examples(tmp_path / "holdout", n=2)
     pipe = build_pipeline_from_folder(tiny_weights, "demo/sr8x_demo", device="cpu")
-    rows, md = demo_recipe.evaluate_demo(pipe, tmp_path / "holdout", tmp_path / "sr", steps=2)
-    assert rows[0]["image"] == "ex0" and rows[0]["size"] == "64x64"
-    bicubic = _png(tmp_path / "holdout" / "hr" / "ex0.png")  # random: PSNR well below 20 dB
-    assert 0 < rows[0]["bicubic_psnr"] < 20 and bicubic.shape == (64, 64, 3)
+    pairs = demo_eval.holdout_pairs(tmp_path / "holdout")
+    report = demo_eval.evaluate_images(pipe, pairs, steps=2, sr_out=tmp_path / "sr")
+    row = report.rows[0]
+    assert row["image"] == "ex0" and row["size"] == "64x64"
+    assert 0 < row["bicubic_psnr"] < 20  # random images: bicubic cannot restore them
+    for key in ("sr", "bicubic"):
+        for metric in ("psnr", "ssim", "lpips", "dists", "border", "grid", "delta_e"):
+            assert np.isfinite(row[f"{key}_{metric}"]), (key, metric)
     assert (tmp_path / "sr" / "ex0.png").is_file()
-    assert "| ex0 | 64x64 |" in md
+    assert not report.passed  # random weights miss the targets, and the report says so
+    names = [what for what, _, _ in report.checks]
+    assert "mean: LPIPS <= 0.8 x bicubic" in names and "ex1: DISTS below bicubic" in names
+    md = demo_eval.results_markdown(report, settings="ddim, 2 steps")
+    assert "| ex0 | 64x64 |" in md and "**FAIL**" in md and "| **mean** |" in md
+
+
+def test_release_copy_halves_and_loads_back(tmp_path, tiny_weights):
+    src = tiny_weights / "fa_vae.safetensors"
+    dst = demo_recipe.release_copy(src, tmp_path / "fa_vae.safetensors")
+    assert dst.stat().st_size < 0.6 * src.stat().st_size
+    a, b = load_pretrained(src), load_pretrained(dst)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert y.dtype == x.dtype  # loaded back as the model's float32
+        assert torch.allclose(x, y, atol=1e-2 * max(1.0, float(x.abs().max()))), k
 
 
 # --------------------------------------------------------------------------- committed weights
