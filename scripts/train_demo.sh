@@ -13,7 +13,8 @@
 # $WORK/release: the committed assets/demo is replaced only when OUT names it), WORKERS
 # (DataLoader workers; default 0 on cpu, 4 on cuda), SEED (default 23), START=a..f (resume: skip
 # the steps before START, reusing their outputs in WORK), FA_CROPS (training crops whose latents
-# the FA decoder learns from; default 128).
+# the FA decoder learns from; default 256), EVAL_STEPS (sampling steps of the evaluation;
+# default: the demo config's).
 #
 # Steps: (a) write the training photographs (scikit-image, matplotlib, scikit-learn: no
 # download) to DATA, 19 for training, 3 held out (coffee, chelsea, rocket); (b) train the demo
@@ -34,7 +35,8 @@ WORK=${WORK:-logs/demo}
 OUT=${OUT:-$WORK/release}
 SEED=${SEED:-23}
 START=${START:-a}
-FA_CROPS=${FA_CROPS:-128}
+FA_CROPS=${FA_CROPS:-256}
+EVAL_STEPS=${EVAL_STEPS:-}
 case $DEVICE in
   cpu) WORKERS=${WORKERS:-0} ;;
   cuda) WORKERS=${WORKERS:-4} ;;
@@ -131,7 +133,7 @@ if todo f; then
   T0=$SECONDS
   set +e
   "$PY" -m moe_sr.cli.demo_recipe evaluate --weights-dir "$OUT" --device "$DEVICE" \
-    --holdout "$DATA/holdout" --markdown "$WORK/results_table.md" --json "$WORK/results.json" \
+    ${EVAL_STEPS:+--steps "$EVAL_STEPS"} --holdout "$DATA/holdout" --markdown "$WORK/results_table.md" --json "$WORK/results.json" \
     --sr-out "$WORK/holdout_sr"
   status=$?
   set -e
