@@ -33,8 +33,9 @@ class FADecoder(Decoder):
 
     * ``fuse_lr``: build the fuse layers (VQ-f4 FA-VAE) or not (KL-f8 FA-VAE);
     * ``num_fuse_block``: RRDB blocks per fuse layer (release: 2);
-    * ``freq_ch_mul``, ``freq_hidden_size_factor``, ``freq_drop_path``: the
-      :class:`~fa_vae.frequency.UNetAff` (release: ``(1, 1, 2, 2)``, 1, 0.1);
+    * ``freq_ch_mul``, ``freq_hidden_size_factor``, ``freq_drop_path``, ``freq_mlp_ratio``:
+      the :class:`~fa_vae.frequency.UNetAff` (release: ``(1, 1, 2, 2)``, 1, 0.1, 4: the
+      expansion of its inverted residuals, most of its cost at full resolution);
     * ``norm_groups``: GroupNorm groups everywhere in the decoder, fuse layers and frequency
       module (release: 32; narrow models want several channels per group).
 
@@ -68,6 +69,7 @@ class FADecoder(Decoder):
         freq_ch_mul: Sequence[int] = (1, 1, 2, 2),
         freq_hidden_size_factor: int = 1,
         freq_drop_path: float = 0.1,
+        freq_mlp_ratio: float = 4.0,
         norm_groups: int = 32,
     ) -> None:
         super().__init__(
@@ -107,6 +109,7 @@ class FADecoder(Decoder):
             hidden_size_factor=freq_hidden_size_factor,
             drop_path=freq_drop_path,
             norm_groups=norm_groups,
+            mlp_ratio=freq_mlp_ratio,
         )
         for name in ("norm_out", "conv_out"):
             self._modules[name] = self._modules.pop(name)

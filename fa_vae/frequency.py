@@ -289,6 +289,7 @@ class UNetAff(nn.Module):
         drop_path: float = 0.1,
         num_context_blocks: int = 4,
         norm_groups: int = 32,
+        mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
         if len(ch_mul) != 4:
@@ -299,6 +300,7 @@ class UNetAff(nn.Module):
             num_blocks=num_blocks,
             drop_path=drop_path,
             norm_groups=norm_groups,
+            mlp_ratio=mlp_ratio,
         )
         self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2)
         self.conv1 = AFFBlock(in_channels, c1, **kw)

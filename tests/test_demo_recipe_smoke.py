@@ -47,6 +47,11 @@ def test_recipe_smoke_run(tmp_path):
         dtypes = {t.dtype for t in load_file(str(out / f)).values() if t.is_floating_point()}
         assert dtypes == {torch.float16}, f
     results = (out / "RESULTS.md").read_text()
-    for needle in ("| chelsea |", "| check | result | value |", "autoencoder alone", "b_autoencoder"):
+    for needle in (
+        "| chelsea |",
+        "| check | result | value |",
+        "autoencoder alone",
+        "b_autoencoder",
+    ):
         assert needle in results, needle
     assert _digest(REPO / "assets" / "demo") == committed  # the committed weights are untouched
