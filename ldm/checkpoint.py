@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
@@ -355,9 +357,8 @@ def save_pretrained(
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.atomic import write_text
 from ldm.registry import REGISTRY, RegistryError, lookup
 
 #: Folder of the bundled YAML presets (``configs/`` at the repository root).
@@ -343,11 +344,9 @@ def save_resolved_config(cfg: Any, run_dir: str | os.PathLike, name: str = "conf
     """Write the fully resolved config into ``run_dir`` (atomically) and return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / name
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg)), resolve=True))
-    os.replace(tmp, out)
-    return out
+    return write_text(
+        run_dir / name, OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg)), resolve=True)
+    )
 
 
 def dump(cfg: Any) -> str:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from ldm.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +137,6 @@ def _to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
     """Write ``image`` (floats in [0, 1] or uint8; CHW or HWC) atomically; format from the suffix."""
     path = Path(path)
@@ -150,15 +145,8 @@ def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Pa
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image extension {path.suffix!r}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format=fmt)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        Image.fromarray(arr).save(f, format=fmt)
     return path
 
 

@@ -259,11 +259,10 @@ def _run(pipe, todo: list[tuple[Path, Path, Path | None]], args: argparse.Namesp
 
 
 def _save_latent(latent: torch.Tensor, path: Path, src: Path, pipe, args) -> None:
-    import os
-
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ldm.atomic import atomic_write
+
     meta = {
         "source": src.name,
         "seed": str(pipe.seed if args.seed is None else args.seed),
@@ -271,9 +270,8 @@ def _save_latent(latent: torch.Tensor, path: Path, src: Path, pipe, args) -> Non
         "eta": str(pipe.eta if args.eta is None else args.eta),
         "layout": "CHW pre-quantisation vq-f4 latent of the 8x output (2x the LR size)",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"latent": latent.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({"latent": latent.contiguous()}, str(tmp), metadata=meta)
 
 
 if __name__ == "__main__":
