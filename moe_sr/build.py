@@ -31,7 +31,15 @@ from ldm.checkpoint import (
     read_state_dict,
     safetensors_shapes,
 )
-from ldm.config import ConfigError, load_config, to_plain, validate_untrusted
+from ldm.config import (
+    ConfigError,
+    check_config_tree,
+    check_params,
+    load_config,
+    parse_overrides,
+    to_plain,
+    validate_untrusted,
+)
 from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
 from moe_sr.checkpoints import (
     OnMismatch,
@@ -42,7 +50,8 @@ from moe_sr.checkpoints import (
     resolve_expert_order,
     save_expert,
 )
-from moe_sr.pipeline import MoESRPipeline
+from moe_sr.color_fix import COLOR_FIX_MODES
+from moe_sr.pipeline import ROUTING_MODES, MoESRPipeline
 from moe_sr.stages import StageSchedule
 from moe_sr.tiling import TilingConfig
 
@@ -62,10 +71,27 @@ def load_pipeline_config(
         if overrides:
             from omegaconf import OmegaConf
 
-            merged = OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.from_dotlist(list(overrides)))
+            merged = OmegaConf.merge(
+                OmegaConf.create(cfg), parse_overrides(overrides, what="--set")
+            )
             cfg = to_plain(merged)
     else:
-        cfg = to_plain(load_config(config, overrides=overrides))
+        base = load_config(config)
+        cfg = to_plain(load_config(config, overrides=overrides)) if overrides else to_plain(base)
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"pipeline config must be a mapping, got {type(cfg).__name__}")
+    check_pipeline_config(cfg)
+    return dict(cfg)
+
+
+def _sampler_section(steps: int = 200, eta: float = 1.0, seed: int = 42) -> None:
+    """The keys and types of the config's ``sampler:`` section."""
+
+
+def check_pipeline_config(cfg: Mapping[str, Any]) -> None:
+    """Every key of a pipeline config, checked before anything is built: sections known and
+    complete, targets and parameters of ``unet`` / ``vae``, the ``sampler`` and ``tiling``
+    keys and types, the choices, the stages and the schedule. Raises :class:`ConfigError`."""
     missing = [k for k in _REQUIRED if k not in cfg]
     unknown = sorted(set(cfg) - set(_KNOWN))
     if missing or unknown:
@@ -73,7 +99,28 @@ def load_pipeline_config(
             f"pipeline config: missing {missing}, unknown {unknown}; expected keys {list(_KNOWN)} "
             "(see configs/moe_sr/sr8x.yaml)"
         )
-    return dict(cfg)
+    for key in ("unet", "vae"):
+        if not isinstance(cfg[key], Mapping) or "target" not in cfg[key]:
+            raise ConfigError(f"pipeline config: {key} must be a {{target, params}} mapping")
+        check_config_tree(cfg[key], key)
+    for key, fn in (("sampler", _sampler_section), ("tiling", TilingConfig)):
+        section = cfg.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"pipeline config: {key} must be a mapping, got {section!r}")
+        check_params(fn, section, key, require_all=False, kind="section")
+    try:
+        TilingConfig(**dict(cfg.get("tiling") or {}))
+        StageSchedule(cfg["stages"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"pipeline config: {err}") from None
+    for key, choices in (("color_fix", COLOR_FIX_MODES), ("ffn_moe_routing", ROUTING_MODES)):
+        if key in cfg and cfg[key] not in choices:
+            raise ConfigError(
+                f"pipeline config: {key} must be one of {list(choices)}, got {cfg[key]!r}"
+            )
+    build_schedule(cfg["schedule"])
 
 
 def build_schedule(spec: Mapping[str, Any]) -> NoiseSchedule:

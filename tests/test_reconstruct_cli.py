@@ -113,7 +113,7 @@ def test_cli_bad_checkpoint_and_missing_config_exit_2(tmp_path, capsys):
     )
     assert "x.ckpt is not a PyTorch checkpoint" in capsys.readouterr().err
     assert main(["a.png"]) == 2
-    assert main(["a.png", "--config", "autoencoder/nope"]) == 2
+    assert main(["a.png", "--config", "autoencoder/nope", "--random-weights"]) == 2
     assert "not found" in capsys.readouterr().err
 
 

@@ -137,17 +137,53 @@ def _to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+#: What :func:`write_image` writes, by extension: the Pillow format and its save options.
+#: PNG, TIFF, BMP and WebP (lossless) keep every 8-bit value; JPEG is lossy (quality 95, no
+#: chroma subsampling).
+WRITE_FORMATS: dict[str, tuple[str, dict]] = {
+    ".png": ("PNG", {}),
+    ".jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".bmp": ("BMP", {}),
+    ".tif": ("TIFF", {}),
+    ".tiff": ("TIFF", {}),
+    ".webp": ("WEBP", {"lossless": True}),
+}
+#: Extensions of :data:`WRITE_FORMATS` whose files lose detail.
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+
+
+def check_write_suffix(suffix: str, *, what: str = "output") -> str:
+    """``suffix`` (``.png``; ``png`` is accepted) in lower case if :func:`write_image` can write
+    it, else a ``ValueError`` listing the ones it can."""
+    ext = suffix.lower() if suffix.startswith(".") else "." + suffix.lower()
+    if ext not in WRITE_FORMATS:
+        raise ValueError(
+            f"{what}: cannot write images of type {suffix!r}; use one of {', '.join(WRITE_FORMATS)}"
+        )
+    return ext
+
+
 def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
-    """Write ``image`` (floats in [0, 1] or uint8; CHW or HWC) atomically; format from the suffix."""
+    """Write ``image`` (floats in [0, 1] or uint8; CHW or HWC) atomically; the format comes
+    from the suffix (:data:`WRITE_FORMATS`)."""
     path = Path(path)
+    fmt, options = WRITE_FORMATS[check_write_suffix(path.suffix, what=str(path))]
     arr = _to_uint8_hwc(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unknown image extension {path.suffix!r}")
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        Image.fromarray(arr).save(f, format=fmt)
+        Image.fromarray(arr).save(f, format=fmt, **options)
     return path
+
+
+def broken_links(folder: str | os.PathLike) -> list[Path]:
+    """Symbolic links directly in ``folder`` with an image extension whose target is missing
+    (:func:`list_images` cannot return them; callers report them instead of skipping them
+    silently)."""
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists()
+    )
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sr_dir = Path(args.sr_dir) if args.sr_dir else Path(args.out) / "sr"
     sr_args = argparse.Namespace(
-        **vars(args), input=[args.lr], output=str(sr_dir), save_latents=False
+        **vars(args), input=[args.lr], output=str(sr_dir), save_latents=False, format="png"
     )
     rc = run_sr(sr_args)
     if rc != 0:
