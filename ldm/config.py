@@ -59,7 +59,7 @@ def parse_overrides(overrides: Iterable[str], *, what: str = "override") -> Dict
     overrides = list(overrides)
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
-        raise ConfigError(f"{what}s must look like key=value, got {bad}")
+        raise ConfigError(f"{what} values must look like key=value, got {bad}")
     out = OmegaConf.create({})
     for o in overrides:
         try:
@@ -218,6 +218,8 @@ def _type_hints(fn: Any) -> dict[str, Any]:
 def _type_name(hint: Any) -> str:
     if hint is type(None):
         return "null"
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "").replace("collections.abc.", "")

@@ -36,7 +36,9 @@ from ldm.config import (
     check_config_tree,
     check_params,
     load_config,
+    one_line_error,
     parse_overrides,
+    resolve_in_place,
     to_plain,
     validate_untrusted,
 )
@@ -66,18 +68,19 @@ def load_pipeline_config(
     config: str | os.PathLike | Mapping[str, Any] = DEFAULT_CONFIG, overrides: Iterable[str] = ()
 ) -> dict[str, Any]:
     """The resolved pipeline config as a plain dict (a preset name, a YAML path or a mapping)."""
-    if isinstance(config, (Mapping, DictConfig)):
-        cfg = to_plain(config)
-        if overrides:
-            from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-            merged = OmegaConf.merge(
-                OmegaConf.create(cfg), parse_overrides(overrides, what="--set")
-            )
-            cfg = to_plain(merged)
+    if isinstance(config, (Mapping, DictConfig)):
+        base = OmegaConf.create(to_plain(config))
     else:
-        base = load_config(config)
-        cfg = to_plain(load_config(config, overrides=overrides)) if overrides else to_plain(base)
+        base = load_config(config, resolve=False)
+    overrides = list(overrides)
+    if overrides:
+        try:
+            base = OmegaConf.merge(base, parse_overrides(overrides, what="--set"))
+        except ValueError as err:  # OmegaConf's errors are ValueErrors
+            raise ConfigError(f"--set: {one_line_error(err)}") from None
+    cfg = to_plain(resolve_in_place(base))
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"pipeline config must be a mapping, got {type(cfg).__name__}")
     check_pipeline_config(cfg)

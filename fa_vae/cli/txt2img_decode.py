@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import report_failures, stderr_line
+from ldm.cli.messages import interruptible, report_failures, stderr_line
 from ldm.device import resolve_device
 
 logger = logging.getLogger("moe_sr.txt2img_decode")
@@ -153,6 +153,7 @@ def _batches(
     return out
 
 
+@interruptible("moe-sr-txt2img-decode")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

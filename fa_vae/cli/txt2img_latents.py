@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import stderr_line
+from ldm.cli.messages import interruptible, stderr_line
 from ldm.device import resolve_device
 
 logger = logging.getLogger("moe_sr.txt2img_latents")
@@ -74,6 +74,7 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+@interruptible("moe-sr-txt2img-latents")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ldm.cli.messages import interruptible
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-compare")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ldm.evaluation.compare import comparison_columns, make_comparison, parse_crop

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ldm.cli._eval_common import add_common_options, parse_metrics, setup_logging, write_outputs
+from ldm.cli.messages import interruptible
 
 log = logging.getLogger(__name__)
 DEFAULT_METRICS = ["psnr", "ssim", "lpips", "fid"]
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-eval-reconstruction")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ldm.cli._eval_common import add_common_options, parse_metrics, setup_logging, write_outputs
+from ldm.cli.messages import interruptible
 
 log = logging.getLogger(__name__)
 DEFAULT_METRICS = ["psnr", "ssim", "lpips", "fid"]
@@ -57,6 +58,7 @@ def _parse_sr(items: list[str]) -> dict[str, Path]:
     return out
 
 
+@interruptible("moe-sr-eval-sr")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)

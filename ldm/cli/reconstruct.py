@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import report_failures, stderr_line
+from ldm.cli.messages import interruptible, report_failures, stderr_line
 
 logger = logging.getLogger("moe_sr.reconstruct")
 
@@ -135,6 +135,7 @@ def output_names(files: list[Path], suffix: str) -> dict[Path, str]:
     return names
 
 
+@interruptible("moe-sr-reconstruct")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from ldm.checkpoint import CheckpointError
-from ldm.cli.messages import stderr_line
+from ldm.cli.messages import interruptible, stderr_line
 from ldm.config import ConfigError
 
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # --base takes several files, so it also swallows trailing key=value overrides: split them.

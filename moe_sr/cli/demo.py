@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.cli.messages import interruptible
+
 WEIGHTS_ENV = "MOESR_WEIGHTS"
 DEMO_WEIGHTS = Path("assets/demo")
 DEMO_CONFIG = "demo/sr8x_demo"
@@ -194,6 +196,7 @@ def _stack(pictures: list, path: Path) -> Path:
     return path
 
 
+@interruptible("moe-sr-demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

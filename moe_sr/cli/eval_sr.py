@@ -19,18 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.cli.messages import stderr_line
+from ldm.cli.messages import DefaultsHelpFormatter, interruptible, stderr_line
 from moe_sr.cli.sr import add_pipeline_options
-
-
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except empty ones (None, False, [])."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        d = action.default
-        if d is None or d is False or d == [] or d is argparse.SUPPRESS:
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-sr-eval",
         description="8x SR of a folder of LR images with SS-MoE + FA-VAE, then metrics against "
         "the HR references (paired by file name).",
-        formatter_class=_DefaultsHelp,
+        formatter_class=DefaultsHelpFormatter,
     )
     io = p.add_argument_group("data and outputs")
     io.add_argument("--lr", required=True, help="folder of LR images (the pipeline input)")
@@ -68,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

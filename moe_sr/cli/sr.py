@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import report_failures, stderr_line
+from ldm.cli.messages import (
+    DefaultsHelpFormatter,
+    interruptible,
+    report_failures,
+    stderr_line,
+)
 
 logger = logging.getLogger("moe_sr.sr")
 
@@ -36,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-sr",
         description="8x image super-resolution: latent diffusion with a sampling-space mixture "
         "of experts and the frequency-augmented VAE (Luo et al., arXiv 2310.12004).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     io = p.add_argument_group("input / output")
     io.add_argument("-i", "--input", nargs="+", required=True, help="LR images and/or folders")
@@ -168,6 +173,7 @@ def _plan(files: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path,
     return plan
 
 
+@interruptible("moe-sr")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
