@@ -54,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from ldm.cli.outputs import check_output_dir
     from ldm.evaluation import MissingMetricWeights
     from ldm.evaluation.reconstruction import ModelSpec, evaluate_reconstruction
     from ldm.evaluation.report import markdown_table
 
     try:
+        check_output_dir(args.out, flag="--out")
         specs = [ModelSpec.parse(m) for m in args.model]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

@@ -95,11 +95,13 @@ def evaluate_folders(
     """Evaluate every ``{name: SR folder}`` against ``hr``; write per_image.csv, summary.json
     and table.md to ``out`` and print the table. ``metrics``: ``"a,b"`` or ``None`` (default
     list). Returns the exit status (2 with the error on stderr for bad input)."""
+    from ldm.cli.outputs import check_output_dir
     from ldm.evaluation import MissingMetricWeights, evaluate
     from ldm.evaluation.metrics import check_available, metric_spec
     from ldm.evaluation.report import markdown_table
 
     try:
+        check_output_dir(out, flag="--out")
         metrics, notes = parse_metrics(metrics, DEFAULT_METRICS, weights_dir)
         check_available(metrics, weights_dir)
         reports = {

@@ -156,6 +156,9 @@ LOSSY_EXTENSIONS = (".jpg", ".jpeg")
 def check_write_suffix(suffix: str, *, what: str = "output") -> str:
     """``suffix`` (``.png``; ``png`` is accepted) in lower case if :func:`write_image` can write
     it, else a ``ValueError`` listing the ones it can."""
+    if not suffix:
+        raise ValueError(f"{what}: no file extension to tell the image type; use one of "
+                         f"{', '.join(WRITE_FORMATS)}")  # fmt: skip
     ext = suffix.lower() if suffix.startswith(".") else "." + suffix.lower()
     if ext not in WRITE_FORMATS:
         raise ValueError(

@@ -62,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from ldm.cli.eval_sr import _parse_sr, evaluate_folders
+    from ldm.cli._eval_common import parse_metrics
+    from ldm.cli.eval_sr import DEFAULT_METRICS, _parse_sr, evaluate_folders
+    from ldm.cli.outputs import check_output_dir
+    from ldm.evaluation import MissingMetricWeights
+    from ldm.evaluation.io import check_lr_hr_pairs
+    from ldm.evaluation.metrics import check_available
     from moe_sr.cli.sr import run as run_sr
+    from moe_sr.pipeline import SCALE
 
     for flag, folder in (("--lr", args.lr), ("--hr", args.hr)):
         if not Path(folder).is_dir():
@@ -76,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.name in compare:
         stderr_line(f"moe-sr-eval: --compare {args.name}=... clashes with --name {args.name}")
+        return 2
+    try:  # what would fail after the SR run fails before it
+        check_lr_hr_pairs(args.lr, args.hr, SCALE)
+        metrics, _ = parse_metrics(args.metrics, DEFAULT_METRICS, args.metric_weights_dir)
+        check_available(metrics, args.metric_weights_dir)
+        check_output_dir(args.out, flag="--out")
+    except (MissingMetricWeights, ValueError) as err:
+        stderr_line(f"moe-sr-eval: {err}")
         return 2
     sr_dir = Path(args.sr_dir) if args.sr_dir else Path(args.out) / "sr"
     sr_args = argparse.Namespace(
