@@ -30,7 +30,9 @@ def _pair(root: Path, names=("a",), gray_hr: bool = False) -> None:
         hr = g.integers(0, 256, (24, 32, 3))
         if gray_hr:
             hr = hr[..., 0]
-        sr = np.clip((hr if hr.ndim == 3 else hr[..., None]) + g.integers(-9, 10, (24, 32, 3)), 0, 255)
+        sr = np.clip(
+            (hr if hr.ndim == 3 else hr[..., None]) + g.integers(-9, 10, (24, 32, 3)), 0, 255
+        )
         _save(root / "hr" / f"{n}.png", hr)
         _save(root / "sr" / f"{n}.png", sr)
 
