@@ -293,6 +293,28 @@ def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def describe_state_dict(keys: Iterable[str]) -> str:
+    """What a state dict holds, from its key names, for messages that say "<file> holds X,
+    expected Y" when a file is given to the wrong option."""
+    keys = list(keys)
+
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if has("model.diffusion_model.", "model_ema."):
+        return "a latent-diffusion UNet training checkpoint (model.diffusion_model.* / model_ema.*)"
+    if has("input_blocks.") and has("out."):
+        return "a diffusion UNet (input_blocks.*, out.*)"
+    if has("decoder.fusion_layer_", "decoder.unet_"):
+        return "an FA-VAE (encoder, decoder with fuse layers)"
+    if has("encoder.") and has("decoder."):
+        return "an autoencoder (encoder.*, decoder.*)"
+    if has("first_stage_model."):
+        return "an autoencoder under first_stage_model.*"
+    tops = sorted({k.split(".", 1)[0] for k in keys})
+    return f"tensors named {_shorten(tops, 6)}.*" if tops else "no tensors"
+
+
 def load_state_dict_strict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str = "checkpoint"
 ) -> None:

@@ -311,7 +311,8 @@ def validate_untrusted(
         kind = REGISTRY.kind_of(target) if REGISTRY.is_registered(target) else None
         if kind not in kinds:
             if REGISTRY.is_registered(target):
-                what = f"a {kind} ({target!r})" if kind else f"a {target!r} object"
+                article = "an" if kind and kind[0] in "aeio" else "a"  # "a unet"
+                what = f"{article} {kind} ({target!r})" if kind else f"a {target!r} object"
             else:
                 what = f"target {target!r}, which is not a registered network"
             valid = sorted(n for n in REGISTRY.names() if REGISTRY.kind_of(n) in kinds)

@@ -24,7 +24,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
     build_uninitialised,
+    describe_state_dict,
     load_pretrained,
     load_state_dict_strict,
     read_pretrained_config,
@@ -152,6 +155,7 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
             )  # fmt: skip
         return vae
     state_dict = read_state_dict(path)
+    holds = describe_state_dict(state_dict)
     if "encoder.conv_in.weight" not in state_dict:  # a full LDM checkpoint: take the first stage
         inner = {
             k[len("first_stage_model.") :]: v
@@ -162,7 +166,16 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
     # an LDM autoencoder .ckpt also carries its training loss (LPIPS + discriminator): not the model
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
     vae = build_uninitialised(cfg, what=str(path))
-    load_state_dict_strict(vae, state_dict, what=str(path))
+    try:
+        load_state_dict_strict(vae, state_dict, what=str(path))
+    except CheckpointMismatchError:
+        if holds.startswith(("an FA-VAE", "an autoencoder")):
+            raise  # the right kind of file: the key-by-key report helps more
+        raise CheckpointError(
+            f"{path} holds {holds}, expected the FA-VAE ({cfg.get('target')!r}; --vae-ckpt takes "
+            "a released fa_vae.pth or our fa_vae .safetensors): check which file goes to which "
+            "option"
+        ) from None
     return vae.eval()
 
 

@@ -30,7 +30,9 @@ def _option_entries(text: str) -> list[str]:
 
 
 def test_the_console_scripts_are_found():
-    assert {"moe-sr", "moe-sr-train", "moe-sr-eval", "moe-sr-reconstruct"} <= {n for n, _ in SCRIPTS}
+    assert {"moe-sr", "moe-sr-train", "moe-sr-eval", "moe-sr-reconstruct"} <= {
+        n for n, _ in SCRIPTS
+    }
 
 
 @pytest.mark.parametrize(("name", "target"), SCRIPTS)

@@ -29,17 +29,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
+def release(tmp_path_factory):
+    """Tiny files in the released layout: moe_stage{k}.ckpt and fa_vae.pth."""
     folder = tmp_path_factory.mktemp("release")
     buffers = NoiseSchedule.linear().ldm_buffers()
-    experts = []
     for k, unet in enumerate(tiny_unets()):
-        experts.append(folder / f"moe_stage{k}.ckpt")
         sd = unet.state_dict()
-        torch.save(released_state_dict(sd, sd, buffers), experts[-1])
+        torch.save(released_state_dict(sd, sd, buffers), folder / f"moe_stage{k}.ckpt")
     torch.save(tiny_fa_vae().state_dict(), folder / "fa_vae.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def weights_dir(release, tmp_path_factory):
+    experts = [release / f"moe_stage{k}.ckpt" for k in range(4)]
     out = tmp_path_factory.mktemp("ours")
-    export_pipeline(build_pipeline(CONFIG, experts, folder / "fa_vae.pth"), out)
+    export_pipeline(build_pipeline(CONFIG, experts, release / "fa_vae.pth"), out)
     return out
 
 
@@ -200,6 +205,31 @@ def test_broken_symlinks_in_an_input_folder_are_reported(weights_dir, tmp_path, 
     assert main(_argv(src, tmp_path / "o", weights_dir)) == 1
     assert "z.png: broken symbolic link" in capsys.readouterr().err
     assert (tmp_path / "o" / "a.png").is_file()
+
+
+def test_a_file_of_the_wrong_kind_names_what_it_holds(release, weights_dir, tmp_path, capsys):
+    """Issue: an expert file as --vae-ckpt (or the FA-VAE as an expert) gave a key listing
+    instead of saying what the file holds and what was expected."""
+    src = _inputs(tmp_path / "lr", ("a.png",))
+    ours = [str(weights_dir / f"expert_stage{k}.safetensors") for k in range(4)]
+    released = [str(release / f"moe_stage{k}.ckpt") for k in range(4)]
+    fa_st, fa_pth = str(weights_dir / "fa_vae.safetensors"), str(release / "fa_vae.pth")
+    cases = [
+        (ours, ours[0], "expert_stage0.safetensors holds a unet ('unet'), expected autoencoder"),
+        ([fa_st, *ours[1:]], fa_st, "fa_vae.safetensors holds an autoencoder ('fa_vae_vq_f4'), "
+                                    "expected unet"),
+        (released, released[0], "moe_stage0.ckpt holds a latent-diffusion UNet training "
+                                "checkpoint (model.diffusion_model.* / model_ema.*), expected "
+                                "the FA-VAE"),
+        ([fa_pth, *released[1:]], fa_pth, "It holds an FA-VAE (encoder, decoder with fuse "
+                                          "layers), expected an SS-MoE stage expert"),
+    ]  # fmt: skip
+    for experts, vae, message in cases:
+        argv = ["-i", str(src), "-o", str(tmp_path / "o"), "--config", CONFIG, "--ckpt",
+                *experts, "--vae-ckpt", vae, "--quiet"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def _read_stream(stream, chunks: list[bytes]) -> None:
