@@ -189,6 +189,7 @@ def load_experts(
     schedule_check: OnMismatch = "error",
 ) -> list[nn.Module]:
     """One UNet per stage, in stage order (see :func:`moe_sr.checkpoints.resolve_expert_order`)."""
+    check_experts_fit_stages(paths, stages)
     unets = []
     for k, path in enumerate(resolve_expert_order(paths, stages.num_stages)):
         unet_cfg, shapes = cfg["unet"], None
@@ -205,6 +206,53 @@ def load_experts(
         unets.append(unet.eval())
         logger.info("expert %d (timesteps %s) <- %s", k, stages.interval(k), path)
     return unets
+
+
+def matching_pipeline_presets(
+    boundaries: Sequence[int], unet: Mapping[str, Any] | None
+) -> list[str]:
+    """Bundled pipeline presets (``configs/*/*.yaml`` with ``unet``, ``vae`` and ``stages``)
+    whose stages are ``boundaries`` and, when given, whose UNet config is ``unet``."""
+    from ldm.config import CONFIG_ROOT, load_yaml
+
+    found = []
+    for path in sorted(CONFIG_ROOT.glob("*/*.yaml")):
+        try:
+            raw = load_yaml(path)
+            if not {"unet", "vae", "stages"} <= set(raw):
+                continue
+            cfg = to_plain(load_config(path))
+        except ConfigError:
+            continue
+        if list(cfg.get("stages") or []) == list(boundaries) and (
+            unet is None or cfg.get("unet") == unet
+        ):
+            found.append(str(path.relative_to(CONFIG_ROOT).with_suffix("")))
+    return found
+
+
+def check_experts_fit_stages(paths: Sequence[str | os.PathLike], stages: StageSchedule) -> None:
+    """Refuse experts of our format whose metadata asks for another number of stages than the
+    config's, naming the stages (and the bundled preset) their metadata asks for."""
+    metas = [read_expert_metadata(p) for p in paths if Path(p).suffix == ".safetensors"]
+    metas = [m for m in metas if "t_range" in m and "num_stages" in m]
+    if not metas:
+        return
+    wanted = metas[0]["num_stages"]
+    if wanted == stages.num_stages:
+        return  # the interval of each expert is checked as it loads
+    bounds = sorted({b for m in metas for b in m["t_range"]})
+    known = f" {bounds}" if len(bounds) == wanted + 1 else ""
+    presets = matching_pipeline_presets(bounds, metas[0].get("config")) if known else []
+    hint = (
+        f"their metadata asks for config {presets[0]!r}: pass --config {presets[0]}"
+        if presets
+        else "pass the pipeline config they were trained with (--config)"
+    )
+    raise ConfigError(
+        f"the expert files are {wanted} stages{known}, the pipeline config has "
+        f"{stages.num_stages} stages {list(stages.boundaries)}; {hint}"
+    )
 
 
 def pipeline_from_parts(

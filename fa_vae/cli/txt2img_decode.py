@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in errors:
             stderr_line(f"error: {line}")
         return 2
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        stderr_line(f"error: {err}")
+        return 2
     dtype = getattr(torch, args.dtype)
     try:
         fa = load_fa_vae(args.config, args.ckpt, device, dtype)

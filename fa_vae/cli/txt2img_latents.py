@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         stderr_line(f"error: {err}")
         return 2
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        stderr_line(f"error: {err}")
+        return 2
     dtype_name = args.dtype or ("float32" if device.type == "cpu" else "float16")
     try:
         pipe = load_sd_pipeline(args.model, torch_dtype=getattr(torch, dtype_name), device=device)
