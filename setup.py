@@ -26,6 +26,7 @@ EXTRAS = {
     "txt2img": ["diffusers>=0.30", "transformers>=4.40"],
     "dev": [
         "pytest>=8.0",
+        "hypothesis>=6.100",  # the fuzz tests (tests/test_fuzz.py)
         "ruff==0.17.6",
         "scikit-image>=0.22",
         "diffusers>=0.30",

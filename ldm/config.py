@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.atomic import write_text
 from ldm.registry import REGISTRY, RegistryError, lookup
+from ldm.safe_text import printable
 
 #: Folder of the bundled YAML presets (``configs/`` at the repository root).
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -41,7 +42,11 @@ class ConfigError(ValueError):
 
 def one_line_error(err: BaseException) -> str:
     """An OmegaConf / YAML error as one line: its message and the key it happened at (OmegaConf
-    appends ``full_key`` and ``object_type`` on lines of their own)."""
+    appends ``full_key`` and ``object_type`` on lines of their own; YAML the position)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        what = " ".join(x for x in (err.context, err.problem) if x) or type(err).__name__
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
     text = str(err).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
@@ -114,8 +119,8 @@ if not OmegaConf.has_resolver("preset"):
 def load_yaml(path: str | os.PathLike) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
-    except Exception as err:  # yaml errors carry line numbers; keep them
-        raise ConfigError(f"cannot parse config {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - yaml errors carry line numbers; keep them
+        raise ConfigError(f"cannot parse config {path}: {one_line_error(err)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
     return cfg
@@ -347,7 +352,7 @@ def _check_untrusted_node(node: Any, where: str) -> None:
         _check_untrusted_node(k, f"{where} key")
     if "target" not in node:
         for k, v in node.items():
-            _check_untrusted_node(v, f"{where}.{k}")
+            _check_untrusted_node(v, f"{where}.{printable(k, 60)}")
         return
     unknown = sorted(set(node) - {"target", "params"})
     if unknown:
@@ -357,7 +362,7 @@ def _check_untrusted_node(node: Any, where: str) -> None:
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}.params must be a mapping, got {type(params).__name__}")
     for k, v in params.items():
-        _check_untrusted_node(v, f"{where}.params.{k}")
+        _check_untrusted_node(v, f"{where}.params.{printable(k, 60)}")
     check_params(fn, params, node["target"])
 
 
