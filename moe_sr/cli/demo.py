@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ldm.cli.messages import interruptible, report_failures
 
 WEIGHTS_ENV = "MOESR_WEIGHTS"
@@ -200,7 +202,7 @@ def run_demo(args: argparse.Namespace, errors: list[str] | None = None) -> list[
         cols = comparison_columns(lr, [("SR (8x)", result.image)], hr)
         picture = make_comparison(cols)
         compare_path = out / f"{path.stem}_compare.png"
-        picture.save(compare_path)
+        write_image(np.asarray(picture.convert("RGB")), compare_path)
         pictures.append(picture)
         written += [sr_path, compare_path]
     if pictures:
@@ -212,6 +214,8 @@ def _stack(pictures: list, path: Path) -> Path:
     """All comparison rows in one picture (each scaled to the widest)."""
     from PIL import Image
 
+    from ldm.data.image_io import write_image
+
     width = max(p.width for p in pictures)
     rows = [p if p.width == width else p.resize((width, round(p.height * width / p.width)))
             for p in pictures]  # fmt: skip
@@ -220,7 +224,7 @@ def _stack(pictures: list, path: Path) -> Path:
     for r in rows:
         canvas.paste(r, (0, top))
         top += r.height
-    canvas.save(path)
+    write_image(np.asarray(canvas), path)
     return path
 
 
