@@ -50,6 +50,13 @@ from moe_sr.checkpoints import read_expert_metadata  # noqa: E402
 
 PROBE = "moe_sr_fuzz_probe"
 
+# Imported once here, not in every forked example (a child's imports die with it).
+Image.init()  # every Pillow format plugin
+REGISTRY.load_plugins()  # every module that registers config targets
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torchvision.io  # noqa: E402, F401  (the 16-bit PNG decoder)
+
 
 # --------------------------------------------------------------------------- harness
 
@@ -75,7 +82,8 @@ def _nothing_ran(probe: Path) -> None:
 
 def isolated(test: Callable) -> Callable:
     """Run a property's body in a forked child, so that a native decoder that crashes the
-    process (segmentation fault) fails the example instead of killing the test run."""
+    process (segmentation fault) fails the example instead of killing the test run. Goes
+    below ``@given`` (hypothesis generates in the parent and shrinks on the child's verdict)."""
 
     @functools.wraps(test)
     def wrapper(*args, **kwargs):
@@ -191,6 +199,7 @@ def _check_image(result, size: tuple[int, int] | None = None) -> None:
 
 
 @given(spec=VALID_IMAGES)
+@isolated
 def test_valid_images_of_every_mode_and_size_decode(spec):
     fmt, mode, size, seed = spec
     result = _in_empty_folder(f"x.{fmt.lower()}", _encoded(fmt, mode, size, seed), _read)
@@ -199,6 +208,7 @@ def test_valid_images_of_every_mode_and_size_decode(spec):
 
 
 @given(spec=VALID_IMAGES, edits=EDITS, cut=CUTS)
+@isolated
 def test_mutated_and_truncated_images_give_a_tensor_or_image_read_error(spec, edits, cut):
     fmt, mode, size, seed = spec
     data = _mutate(_encoded(fmt, mode, size, seed), edits, cut)
@@ -206,6 +216,7 @@ def test_mutated_and_truncated_images_give_a_tensor_or_image_read_error(spec, ed
 
 
 @given(data=st.binary(max_size=512), name=st.sampled_from(["x.png", "x.jpg", "x.tif", "x"]))
+@isolated
 def test_random_bytes_give_image_read_error(data, name):
     _check_image(_in_empty_folder(name, data, _read))
 
@@ -266,7 +277,6 @@ CHUNK_EDITS = st.lists(
 )
 
 
-@isolated
 def _check_png16_bytes(data: bytes) -> None:
     result = _in_empty_folder("x.png", data, _read)
     _check_image(result)
@@ -275,6 +285,7 @@ def _check_png16_bytes(data: bytes) -> None:
 
 
 @given(spec=PNG16, edits=CHUNK_EDITS, raw_edits=EDITS, cut=CUTS)
+@isolated
 def test_mutated_16bit_pngs_never_crash_and_name_no_source_files(spec, edits, raw_edits, cut):
     """Issue: a truncated 16-bit PNG's message leaked a C++ source path; the fuzz pass then
     found files that crash torchvision's decoder (segmentation fault)."""
@@ -345,6 +356,7 @@ DOTLISTS = st.lists(
 
 
 @given(overrides=DOTLISTS)
+@isolated
 def test_pipeline_config_overrides_give_a_config_or_config_error(overrides, probe):
     result = _outcome(lambda: load_pipeline_config("moe_sr/sr8x_tiny", overrides), ConfigError)
     assert isinstance(result, (dict, ConfigError))
@@ -364,6 +376,7 @@ YAML_TEXT = st.one_of(
 
 
 @given(text=YAML_TEXT, overrides=DOTLISTS)
+@isolated
 def test_yaml_files_and_overrides_give_a_config_or_config_error(text, overrides, probe):
     def load(path: Path):
         return load_config(path, overrides=overrides)
@@ -395,6 +408,7 @@ TARGETS = st.sampled_from(sorted(REGISTRY.names()) + ["os.system", f"{PROBE}.run
 
 
 @given(target=TARGETS, params=st.dictionaries(st.text(max_size=12), JSON, max_size=4))
+@isolated
 def test_untrusted_configs_are_validated_never_run(target, params, probe):
     cfg = {"target": target, "params": params}
     result = _outcome(
@@ -430,6 +444,12 @@ def _small_files() -> dict:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _files_made_in_the_parent():
+    """Make the cached files once here: a forked example's cache dies with it."""
+    _small_files()
+
+
 def to_dict(cfg):
     from ldm.config import to_plain
 
@@ -459,6 +479,7 @@ def _load_all(path: Path) -> list:
 
 
 @given(edits=EDITS, cut=CUTS, in_header=st.booleans())
+@isolated
 def test_mutated_safetensors_bytes(probe, edits, cut, in_header):
     data = _small_files()["safetensors"]
     (n,) = struct.unpack("<Q", data[:8])
@@ -473,6 +494,7 @@ def test_mutated_safetensors_bytes(probe, edits, cut, in_header):
     stage=JSON,
     raw=st.one_of(st.none(), st.text(max_size=30)),
 )
+@isolated
 def test_mutated_metadata(probe, config, stage, raw):
     """Stored configs, stage metadata and non-JSON strings: refused with a message naming the
     file, never built or imported unless valid."""
@@ -497,6 +519,7 @@ TENSOR_ENTRY = st.fixed_dictionaries(
 
 
 @given(entries=st.dictionaries(st.text(max_size=30), TENSOR_ENTRY, max_size=4))
+@isolated
 def test_mutated_tensor_tables(probe, entries):
     header, body = _header_split(_small_files()["safetensors"])
     for name, entry in entries.items():
@@ -529,6 +552,7 @@ def _rezip(data: bytes, edits, cut, inject: bool) -> bytes:
 
 
 @given(edits=EDITS, cut=CUTS, inject=st.booleans(), whole=st.booleans())
+@isolated
 def test_mutated_zip_pickles(probe, edits, cut, inject, whole):
     data = _small_files()["zip"]
     data = _mutate(data, edits, cut) if whole else _rezip(data, edits, cut, inject)
