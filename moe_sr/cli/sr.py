@@ -8,9 +8,10 @@ Examples::
     # a folder of our safetensors (experts + FA-VAE), GPU, half precision, experts offloaded
     moe-sr --weights-dir release_st/ -i lr/ -o sr/ --device cuda --dtype fp16 --vae-fp32 --offload
 
-Outputs keep the input file names (sorted), are written atomically, and existing ones are
-skipped unless ``--overwrite``. An unreadable image is reported and skipped; the exit status is
-1 if any image failed.
+Outputs are PNG files named after the inputs (``--format same`` keeps the input's type), are
+written atomically, and existing ones are skipped unless ``--overwrite``. The output side is
+checked before any work; no output may be an input. An unreadable image (or an unwritable
+output) is reported and skipped; the exit status is 1 if any image failed, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
