@@ -275,3 +275,21 @@ def test_release_script_without_a_virtualenv_says_what_to_do(tmp_path):
     res = subprocess.run(["bash", str(script), "--help"], env=env, capture_output=True,
                          text=True, cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0 and "--offload" in res.stdout, res.stderr
+
+
+def test_moe_sr_eval_takes_the_same_documented_choices(tmp_path, capsys):
+    """moe-sr-eval shares the pipeline options: its --tile on / off pass the real parser too."""
+    pytest.importorskip("pyiqa")
+    from moe_sr.cli.eval_sr import build_parser as eval_parser
+    from moe_sr.cli.eval_sr import main as eval_main
+
+    lr = _inputs(tmp_path / "lr", ("a.png",))
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(hr / "a.png")
+    base = ["--lr", str(lr), "--hr", str(hr), "--out", str(tmp_path / "run"), "--config", CONFIG,
+            "--metrics", "psnr", "--dry-run", "--quiet"]  # fmt: skip
+    pairs = _choice_options(eval_parser())
+    assert ("--tile", "on") in pairs
+    for flag, value in pairs:
+        assert eval_main([*base, flag, value]) == 0, (flag, value, capsys.readouterr().err)
