@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo app test install browser lint format bench clean-venv
+.PHONY: demo app test fuzz install browser lint format bench clean-venv
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ test: $(STAMP) browser
 	$(PY) -m ruff format --check .
 	# every test, the slow ones too (full-size loading, DDP, train_moe.sh); plain `pytest` skips them
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# the fuzz pass with many examples per property (the test run above takes a few)
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -q tests/test_fuzz.py
 
 lint:
 	$(PY) -m ruff check --fix .

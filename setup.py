@@ -36,6 +36,7 @@ EXTRAS = {
     "app": ["gradio>=6.0,<7"],
     "dev": [
         "pytest>=8.0",
+        "hypothesis>=6.100",  # the fuzz tests (tests/test_fuzz.py)
         "ruff==0.17.6",
         "scikit-image>=0.22",
         "diffusers>=0.30",

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.atomic import atomic_write, write_text
+
 logger = logging.getLogger(__name__)
 
 #: key of the latent tensor in a latent file
@@ -306,13 +308,9 @@ def save_latent(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({LATENT_KEY: latent.detach().float().contiguous().cpu()}, str(tmp), metadata=meta)
-    sidecar = path.with_suffix(".json")
-    tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_json.write_text(json.dumps(dict(metadata or {}), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_json, sidecar)
-    os.replace(tmp, path)  # the latent last: its presence means both files are complete
+    write_text(path.with_suffix(".json"), json.dumps(dict(metadata or {}), indent=2) + "\n")
+    with atomic_write(path) as tmp:  # the latent last: its presence means both files are complete
+        save_file({LATENT_KEY: latent.detach().float().contiguous().cpu()}, str(tmp), metadata=meta)
     return path
 
 

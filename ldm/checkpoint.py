@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.atomic import atomic_write
+from ldm.safe_text import printable
+
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
@@ -47,9 +50,16 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def _shorten(items: list[str], limit: int = 12) -> str:
+    items = [printable(i, 200) for i in items]  # names from files: no newlines or escapes
     if len(items) <= limit:
         return ", ".join(items)
     return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
+
+
+def _first_line(err: BaseException) -> str:
+    """An error of a foreign reader (torch, safetensors) as one printable line."""
+    text = str(err).strip()
+    return printable(text.splitlines()[0] if text else type(err).__name__)
 
 
 def read_state_dict(
@@ -140,7 +150,7 @@ def load_torch_file(
         if "Unsupported global" not in str(err):
             raise CheckpointError(
                 f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                f"{_first_line(err)}"
             ) from None
         first_error: Exception = err
     except Exception as err:  # pickle.UnpicklingError and friends
@@ -151,7 +161,9 @@ def load_torch_file(
     ]
     if not names or foreign:
         shown = (
-            ", ".join(foreign) if foreign else _first_line_with(first_error, "Unsupported global")
+            ", ".join(printable(n, 100) for n in foreign)
+            if foreign
+            else printable(_first_line_with(first_error, "Unsupported global"))
         )
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and plain containers; "
@@ -168,8 +180,7 @@ def load_torch_file(
             obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
         raise CheckpointError(
-            f"{path} could not be read even with its training objects ignored: "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            f"{path} could not be read even with its training objects ignored: {_first_line(err)}"
         ) from None
     ignored = sorted(n for n in names if n not in _PLAIN_GLOBALS)
     logger.info("%s: read the tensors; ignored pickled objects of %s", path, ", ".join(ignored))
@@ -198,7 +209,9 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> Tensors:
     try:
         return load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file: {_first_line(err)}"
+        ) from None
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -208,7 +221,9 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file: {_first_line(err)}"
+        ) from None
 
 
 def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> Tensors:
@@ -291,6 +306,28 @@ def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def describe_state_dict(keys: Iterable[str]) -> str:
+    """What a state dict holds, from its key names, for messages that say "<file> holds X,
+    expected Y" when a file is given to the wrong option."""
+    keys = list(keys)
+
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if has("model.diffusion_model.", "model_ema."):
+        return "a latent-diffusion UNet training checkpoint (model.diffusion_model.* / model_ema.*)"
+    if has("input_blocks.") and has("out."):
+        return "a diffusion UNet (input_blocks.*, out.*)"
+    if has("decoder.fusion_layer_", "decoder.unet_"):
+        return "an FA-VAE (encoder, decoder with fuse layers)"
+    if has("encoder.") and has("decoder."):
+        return "an autoencoder (encoder.*, decoder.*)"
+    if has("first_stage_model."):
+        return "an autoencoder under first_stage_model.*"
+    tops = sorted({k.split(".", 1)[0] for k in keys})
+    return f"tensors named {_shorten(tops, 6)}.*" if tops else "no tensors"
+
+
 def load_state_dict_strict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str = "checkpoint"
 ) -> None:
@@ -355,9 +392,8 @@ def save_pretrained(
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -371,7 +407,7 @@ def parse_json_metadata(path: str | os.PathLike, meta: Mapping[str, str], key: s
         return json.loads(meta[key])
     except (TypeError, ValueError) as err:
         raise CheckpointError(
-            f"{path}: metadata {key!r} is not valid JSON ({err}); the file was not written by "
+            f"{path}: metadata {key!r} is not valid JSON ({_first_line(err)}); the file was not written by "
             "moe-sr or was modified"
         ) from None
 
@@ -425,7 +461,9 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file: {_first_line(err)}"
+        ) from None
 
 
 def build_uninitialised(
@@ -447,7 +485,7 @@ def build_uninitialised(
             model = instantiate(cfg)
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(
-            f"{what}: cannot build the model its config describes: {err}"
+            f"{what}: cannot build the model its config describes: {_first_line(err)}"
         ) from None
     if expect_shapes is not None:
         model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

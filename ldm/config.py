@@ -24,9 +24,13 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from ldm.atomic import write_text
 from ldm.registry import REGISTRY, RegistryError, lookup
+from ldm.safe_text import printable
 
 #: Folder of the bundled YAML presets (``configs/`` at the repository root).
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -34,6 +38,43 @@ CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A config that cannot be loaded or instantiated as written."""
+
+
+def one_line_error(err: BaseException) -> str:
+    """An OmegaConf / YAML error as one line: its message and the key it happened at (OmegaConf
+    appends ``full_key`` and ``object_type`` on lines of their own; YAML the position)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        what = " ".join(x for x in (err.context, err.problem) if x) or type(err).__name__
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    head = [
+        ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))
+    ]
+    msg = " ".join(head) or type(err).__name__
+    msg = msg.replace("ConfigError raised while resolving interpolation: ", "")
+    return f"{msg} (at {key})" if key else msg
+
+
+def parse_overrides(overrides: Iterable[str], *, what: str = "override") -> DictConfig:
+    """``key=value`` strings -> a config (values parsed as YAML); malformed ones give a
+    :class:`ConfigError` naming the override."""
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(f"{what} values must look like key=value, got {bad}")
+    out = OmegaConf.create({})
+    for o in overrides:
+        try:
+            out = OmegaConf.merge(out, OmegaConf.from_dotlist([o]))
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(
+                f"bad {what} {o!r}: {one_line_error(err)}; write key=value with a YAML value "
+                "(quote strings that contain ':', '[' or '{')"
+            ) from None
+    return out  # type: ignore[return-value]
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
@@ -78,8 +119,8 @@ if not OmegaConf.has_resolver("preset"):
 def load_yaml(path: str | os.PathLike) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
-    except Exception as err:  # yaml errors carry line numbers; keep them
-        raise ConfigError(f"cannot parse config {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - yaml errors carry line numbers; keep them
+        raise ConfigError(f"cannot parse config {path}: {one_line_error(err)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
     return cfg
@@ -91,21 +132,33 @@ def load_config(
     """Merge YAML files left to right, apply ``key=value`` overrides, resolve."""
     cfgs = [load_yaml(resolve_config_path(p)) for p in paths]
     overrides = list(overrides)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got {bad}")
     if overrides:
-        cfgs.append(OmegaConf.from_dotlist(overrides))
-    cfg = OmegaConf.merge(*cfgs) if cfgs else OmegaConf.create({})
-    if resolve:
-        OmegaConf.resolve(cfg)
+        cfgs.append(parse_overrides(overrides))
+    try:
+        cfg = OmegaConf.merge(*cfgs) if cfgs else OmegaConf.create({})
+        if resolve:
+            OmegaConf.resolve(cfg)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(one_line_error(err)) from None
     return cfg  # type: ignore[return-value]
+
+
+def resolve_in_place(cfg: DictConfig) -> DictConfig:
+    """``OmegaConf.resolve`` with one-line :class:`ConfigError` messages."""
+    try:
+        OmegaConf.resolve(cfg)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(one_line_error(err)) from None
+    return cfg
 
 
 def to_plain(cfg: Any) -> Any:
     """OmegaConf containers -> plain dicts/lists (resolved); anything else unchanged."""
     if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(one_line_error(err)) from None
     return cfg
 
 
@@ -116,14 +169,22 @@ def _init_signature(fn: Any) -> inspect.Signature | None:
         return None
 
 
-def check_params(fn: Any, params: Mapping[str, Any], target: str) -> None:
-    """Raise if ``params`` names an argument that ``fn`` does not take, misses a required one,
-    or gives a value of the wrong type (checked against the annotations, see
-    :func:`check_types`)."""
+def check_params(
+    fn: Any,
+    params: Mapping[str, Any],
+    target: str,
+    *,
+    require_all: bool = True,
+    kind: str = "target",
+) -> None:
+    """Raise if ``params`` names an argument that ``fn`` does not take, misses a required one
+    (unless ``require_all`` is false), or gives a value of the wrong type (checked against the
+    annotations, see :func:`check_types`)."""
     sig = _init_signature(fn)
     if sig is None:
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        check_types(fn, params, target, kind=kind)
         return
     valid = [
         n
@@ -134,7 +195,7 @@ def check_params(fn: Any, params: Mapping[str, Any], target: str) -> None:
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ConfigError(
-            f"unknown parameter(s) {unknown} for target {target!r}; valid parameters: {valid}"
+            f"unknown parameter(s) {unknown} for {kind} {target!r}; valid parameters: {valid}"
         )
     missing = [
         n
@@ -144,9 +205,9 @@ def check_params(fn: Any, params: Mapping[str, Any], target: str) -> None:
         and n != "self"
         and n not in params
     ]
-    if missing:
-        raise ConfigError(f"missing required parameter(s) {missing} for target {target!r}")
-    check_types(fn, params, target)
+    if missing and require_all:
+        raise ConfigError(f"missing required parameter(s) {missing} for {kind} {target!r}")
+    check_types(fn, params, target, kind=kind)
 
 
 def _type_hints(fn: Any) -> dict[str, Any]:
@@ -162,6 +223,8 @@ def _type_hints(fn: Any) -> dict[str, Any]:
 def _type_name(hint: Any) -> str:
     if hint is type(None):
         return "null"
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "").replace("collections.abc.", "")
@@ -215,7 +278,7 @@ def value_matches(value: Any, hint: Any) -> bool:
     return True
 
 
-def check_types(fn: Any, params: Mapping[str, Any], target: str) -> None:
+def check_types(fn: Any, params: Mapping[str, Any], target: str, *, kind: str = "target") -> None:
     """Raise :class:`ConfigError` naming the key when a parameter value has the wrong type
     (``ema_decay: fast`` for a float), as far as the annotations say (:func:`value_matches`)."""
     hints = _type_hints(fn)
@@ -223,7 +286,7 @@ def check_types(fn: Any, params: Mapping[str, Any], target: str) -> None:
         value = to_plain(value)
         if name in hints and not value_matches(value, hints[name]):
             raise ConfigError(
-                f"parameter {name!r} of target {target!r} must be {_type_name(hints[name])}, "
+                f"parameter {name!r} of {kind} {target!r} must be {_type_name(hints[name])}, "
                 f"got {value!r} ({type(value).__name__})"
             )
 
@@ -253,7 +316,8 @@ def validate_untrusted(
         kind = REGISTRY.kind_of(target) if REGISTRY.is_registered(target) else None
         if kind not in kinds:
             if REGISTRY.is_registered(target):
-                what = f"a {kind} ({target!r})" if kind else f"a {target!r} object"
+                article = "an" if kind and kind[0] in "aeio" else "a"  # "a unet"
+                what = f"{article} {kind} ({target!r})" if kind else f"a {target!r} object"
             else:
                 what = f"target {target!r}, which is not a registered network"
             valid = sorted(n for n in REGISTRY.names() if REGISTRY.kind_of(n) in kinds)
@@ -288,7 +352,7 @@ def _check_untrusted_node(node: Any, where: str) -> None:
         _check_untrusted_node(k, f"{where} key")
     if "target" not in node:
         for k, v in node.items():
-            _check_untrusted_node(v, f"{where}.{k}")
+            _check_untrusted_node(v, f"{where}.{printable(k, 60)}")
         return
     unknown = sorted(set(node) - {"target", "params"})
     if unknown:
@@ -298,7 +362,7 @@ def _check_untrusted_node(node: Any, where: str) -> None:
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}.params must be a mapping, got {type(params).__name__}")
     for k, v in params.items():
-        _check_untrusted_node(v, f"{where}.params.{k}")
+        _check_untrusted_node(v, f"{where}.params.{printable(k, 60)}")
     check_params(fn, params, node["target"])
 
 
@@ -329,7 +393,10 @@ def instantiate(
             "only 'target' and 'params' are allowed"
         )
     target = cfg["target"]
-    fn = lookup(target, allow_import=trusted)
+    try:
+        fn = lookup(target, allow_import=trusted)
+    except RegistryError as err:
+        raise ConfigError(str(err)) from None
     params = cfg.get("params") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"params of target {target!r} must be a mapping, got {params!r}")
@@ -339,15 +406,45 @@ def instantiate(
     return fn(**params)
 
 
+def check_config_tree(node: Any, where: str = "config") -> None:
+    """Check every ``{target, params}`` mapping inside ``node`` (a trusted config) without
+    building anything: the target exists (a dotted path is imported, as building would), the
+    parameter names and value types fit its signature. For ``--dry-run`` and before a run
+    folder is made. Raises :class:`ConfigError` naming the key."""
+    node = to_plain(node)
+    if isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_config_tree(v, f"{where}[{i}]")
+        return
+    if not isinstance(node, Mapping):
+        return
+    if isinstance(node.get("target"), str) and set(node) <= {"target", "params"}:
+        target = node["target"]
+        try:
+            fn = lookup(target, allow_import=True)
+        except RegistryError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        params = node.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where}.params must be a mapping, got {params!r}")
+        try:
+            check_params(fn, params, target, require_all=False)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        for k, v in params.items():
+            check_config_tree(v, f"{where}.params.{k}")
+        return
+    for k, v in node.items():
+        check_config_tree(v, f"{where}.{k}")
+
+
 def save_resolved_config(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the fully resolved config into ``run_dir`` (atomically) and return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / name
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg)), resolve=True))
-    os.replace(tmp, out)
-    return out
+    return write_text(
+        run_dir / name, OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg)), resolve=True)
+    )
 
 
 def dump(cfg: Any) -> str:

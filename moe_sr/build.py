@@ -24,14 +24,28 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
     build_uninitialised,
+    describe_state_dict,
     load_pretrained,
     load_state_dict_strict,
     read_pretrained_config,
     read_state_dict,
     safetensors_shapes,
 )
-from ldm.config import ConfigError, load_config, to_plain, validate_untrusted
+from ldm.config import (
+    ConfigError,
+    check_config_tree,
+    check_params,
+    load_config,
+    one_line_error,
+    parse_overrides,
+    resolve_in_place,
+    to_plain,
+    validate_untrusted,
+)
+from ldm.diffusion.samplers import check_sampler_options
 from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
 from moe_sr.checkpoints import (
     OnMismatch,
@@ -42,7 +56,8 @@ from moe_sr.checkpoints import (
     resolve_expert_order,
     save_expert,
 )
-from moe_sr.pipeline import MoESRPipeline
+from moe_sr.color_fix import COLOR_FIX_MODES
+from moe_sr.pipeline import ROUTING_MODES, MoESRPipeline
 from moe_sr.stages import StageSchedule
 from moe_sr.tiling import TilingConfig
 
@@ -57,15 +72,40 @@ def load_pipeline_config(
     config: str | os.PathLike | Mapping[str, Any] = DEFAULT_CONFIG, overrides: Iterable[str] = ()
 ) -> dict[str, Any]:
     """The resolved pipeline config as a plain dict (a preset name, a YAML path or a mapping)."""
-    if isinstance(config, (Mapping, DictConfig)):
-        cfg = to_plain(config)
-        if overrides:
-            from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-            merged = OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.from_dotlist(list(overrides)))
-            cfg = to_plain(merged)
+    if isinstance(config, (Mapping, DictConfig)):
+        base = OmegaConf.create(to_plain(config))
     else:
-        cfg = to_plain(load_config(config, overrides=overrides))
+        base = load_config(config, resolve=False)
+    overrides = list(overrides)
+    if overrides:
+        try:
+            base = OmegaConf.merge(base, parse_overrides(overrides, what="--set"))
+        except ValueError as err:  # OmegaConf's errors are ValueErrors
+            raise ConfigError(f"--set: {one_line_error(err)}") from None
+    cfg = to_plain(resolve_in_place(base))
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"pipeline config must be a mapping, got {type(cfg).__name__}")
+    check_pipeline_config(cfg)
+    return dict(cfg)
+
+
+def _sampler_section(
+    name: str = "ddim",
+    steps: int = 200,
+    eta: float = 1.0,
+    seed: int = 42,
+    spacing: str | None = None,
+    restart_at_stages: bool = False,
+) -> None:
+    """The keys and types of the config's ``sampler:`` section (``ldm.diffusion.samplers``)."""
+
+
+def check_pipeline_config(cfg: Mapping[str, Any]) -> None:
+    """Every key of a pipeline config, checked before anything is built: sections known and
+    complete, targets and parameters of ``unet`` / ``vae``, the ``sampler`` and ``tiling``
+    keys and types, the choices, the stages and the schedule. Raises :class:`ConfigError`."""
     missing = [k for k in _REQUIRED if k not in cfg]
     unknown = sorted(set(cfg) - set(_KNOWN))
     if missing or unknown:
@@ -73,7 +113,35 @@ def load_pipeline_config(
             f"pipeline config: missing {missing}, unknown {unknown}; expected keys {list(_KNOWN)} "
             "(see configs/moe_sr/sr8x.yaml)"
         )
-    return dict(cfg)
+    for key in ("unet", "vae"):
+        if not isinstance(cfg[key], Mapping) or "target" not in cfg[key]:
+            raise ConfigError(f"pipeline config: {key} must be a {{target, params}} mapping")
+        check_config_tree(cfg[key], key)
+    for key, fn in (("sampler", _sampler_section), ("tiling", TilingConfig)):
+        section = cfg.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"pipeline config: {key} must be a mapping, got {section!r}")
+        check_params(fn, section, key, require_all=False, kind="section")
+    sampler = dict(cfg.get("sampler") or {})
+    try:
+        TilingConfig(**dict(cfg.get("tiling") or {}))
+        StageSchedule(cfg["stages"])
+        check_sampler_options(
+            sampler.get("name", "ddim"),
+            sampler.get("steps", 200),
+            sampler.get("eta"),
+            sampler.get("spacing"),
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"pipeline config: {err}") from None
+    for key, choices in (("color_fix", COLOR_FIX_MODES), ("ffn_moe_routing", ROUTING_MODES)):
+        if key in cfg and cfg[key] not in choices:
+            raise ConfigError(
+                f"pipeline config: {key} must be one of {list(choices)}, got {cfg[key]!r}"
+            )
+    build_schedule(cfg["schedule"])
 
 
 def build_schedule(spec: Mapping[str, Any]) -> NoiseSchedule:
@@ -102,6 +170,7 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
             )  # fmt: skip
         return vae
     state_dict = read_state_dict(path)
+    holds = describe_state_dict(state_dict)
     if "encoder.conv_in.weight" not in state_dict:  # a full LDM checkpoint: take the first stage
         inner = {
             k[len("first_stage_model.") :]: v
@@ -112,7 +181,16 @@ def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
     # an LDM autoencoder .ckpt also carries its training loss (LPIPS + discriminator): not the model
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
     vae = build_uninitialised(cfg, what=str(path))
-    load_state_dict_strict(vae, state_dict, what=str(path))
+    try:
+        load_state_dict_strict(vae, state_dict, what=str(path))
+    except CheckpointMismatchError:
+        if holds.startswith(("an FA-VAE", "an autoencoder")):
+            raise  # the right kind of file: the key-by-key report helps more
+        raise CheckpointError(
+            f"{path} holds {holds}, expected the FA-VAE ({cfg.get('target')!r}; --vae-ckpt takes "
+            "a released fa_vae.pth or our fa_vae .safetensors): check which file goes to which "
+            "option"
+        ) from None
     return vae.eval()
 
 
@@ -126,6 +204,7 @@ def load_experts(
     schedule_check: OnMismatch = "error",
 ) -> list[nn.Module]:
     """One UNet per stage, in stage order (see :func:`moe_sr.checkpoints.resolve_expert_order`)."""
+    check_experts_fit_stages(paths, stages)
     unets = []
     for k, path in enumerate(resolve_expert_order(paths, stages.num_stages)):
         unet_cfg, shapes = cfg["unet"], None
@@ -142,6 +221,53 @@ def load_experts(
         unets.append(unet.eval())
         logger.info("expert %d (timesteps %s) <- %s", k, stages.interval(k), path)
     return unets
+
+
+def matching_pipeline_presets(
+    boundaries: Sequence[int], unet: Mapping[str, Any] | None
+) -> list[str]:
+    """Bundled pipeline presets (``configs/*/*.yaml`` with ``unet``, ``vae`` and ``stages``)
+    whose stages are ``boundaries`` and, when given, whose UNet config is ``unet``."""
+    from ldm.config import CONFIG_ROOT, load_yaml
+
+    found = []
+    for path in sorted(CONFIG_ROOT.glob("*/*.yaml")):
+        try:
+            raw = load_yaml(path)
+            if not {"unet", "vae", "stages"} <= set(raw):
+                continue
+            cfg = to_plain(load_config(path))
+        except ConfigError:
+            continue
+        if list(cfg.get("stages") or []) == list(boundaries) and (
+            unet is None or cfg.get("unet") == unet
+        ):
+            found.append(str(path.relative_to(CONFIG_ROOT).with_suffix("")))
+    return found
+
+
+def check_experts_fit_stages(paths: Sequence[str | os.PathLike], stages: StageSchedule) -> None:
+    """Refuse experts of our format whose metadata asks for another number of stages than the
+    config's, naming the stages (and the bundled preset) their metadata asks for."""
+    metas = [read_expert_metadata(p) for p in paths if Path(p).suffix == ".safetensors"]
+    metas = [m for m in metas if "t_range" in m and "num_stages" in m]
+    if not metas:
+        return
+    wanted = metas[0]["num_stages"]
+    if wanted == stages.num_stages:
+        return  # the interval of each expert is checked as it loads
+    bounds = sorted({b for m in metas for b in m["t_range"]})
+    known = f" {bounds}" if len(bounds) == wanted + 1 else ""
+    presets = matching_pipeline_presets(bounds, metas[0].get("config")) if known else []
+    hint = (
+        f"their metadata asks for config {presets[0]!r}: pass --config {presets[0]}"
+        if presets
+        else "pass the pipeline config they were trained with (--config)"
+    )
+    raise ConfigError(
+        f"the expert files are {wanted} stages{known}, the pipeline config has "
+        f"{stages.num_stages} stages {list(stages.boundaries)}; {hint}"
+    )
 
 
 def pipeline_from_parts(

@@ -44,6 +44,7 @@ from ldm.checkpoint import (
     CONFIG_KEY,
     CheckpointError,
     CheckpointMismatchError,
+    describe_state_dict,
     load_torch_file,
     mismatch_message,
     parse_json_metadata,
@@ -247,7 +248,13 @@ def load_released_stage(
             "EMA weights (weights='ema')" if any(k.startswith(EMA_PREFIX) for k in file_sd) else ""
         )
     if not group:
-        hint = f" It holds {other} instead." if other else ""
+        hint = (
+            f" It holds {other} instead."
+            if other
+            else f" It holds {describe_state_dict(file_sd)}, expected an SS-MoE stage expert "
+            "(a released moe_stage{k}.ckpt or our expert .safetensors): check which file goes "
+            "to which option."
+        )
         raise CheckpointMismatchError(
             f"{path} has no {weights} UNet weights "
             f"({EMA_PREFIX if weights == 'ema' else RAW_PREFIX}*).{hint}"

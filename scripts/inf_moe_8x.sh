@@ -21,7 +21,20 @@ COLOR_FIX="${COLOR_FIX:-adain}"                       # adain | wavelet | none
 SEED="${SEED:-42}"
 DEVICE="${DEVICE:-}"                                  # empty: cuda if available, else cpu
 DTYPE="${DTYPE:-fp32}"                                # fp32 | fp16 | bf16
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-}"                                  # empty: the active or the repo's venv
+
+if [[ -z "$PYTHON" ]]; then  # works without an activated virtualenv
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  if [[ -n "${VIRTUAL_ENV:-}" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"
+  elif [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"
+  else PYTHON=python3
+  fi
+fi
+if ! "$PYTHON" -c "import moe_sr.cli.sr" >/dev/null 2>&1; then
+  echo "inf_moe_8x.sh: $PYTHON cannot import moe_sr (and torch): run 'make install' and" \
+       "'. .venv/bin/activate', or set PYTHON=/path/to/venv/bin/python" >&2
+  exit 2
+fi
 
 args=(--config "$CONFIG_PATH" -i "$INPUT_PATH" -o "$OUTPUT_PATH"
       --steps "$SAMPLE_STEPS" --eta "$ETA" --color-fix "$COLOR_FIX" --seed "$SEED" --dtype "$DTYPE")

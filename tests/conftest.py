@@ -12,6 +12,16 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+try:  # the fuzz tests (tests/test_fuzz.py): few examples by default, many with the slow profile
+    from hypothesis import HealthCheck, settings
+
+    _fuzz = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+    settings.register_profile("default", max_examples=25, derandomize=True, **_fuzz)
+    settings.register_profile("slow", max_examples=1000, **_fuzz)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # hypothesis is a dev dependency; test_fuzz.py skips without it
+    pass
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

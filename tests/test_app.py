@@ -235,11 +235,12 @@ def _run(controller, files, session="s", **form):
     return list(controller.run(session, [str(f) for f in files], None, {**FORM, **form}))
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "unipc"])
 def test_run_gives_an_8x_png_that_the_shown_command_reproduces(
-    pool, demo_args, tmp_path, monkeypatch
+    pool, demo_args, tmp_path, monkeypatch, sampler
 ):
     lr_path = _png(tmp_path / "crop.png", 16)
-    views = _run(_controller(pool, demo_args, tmp_path), [lr_path])
+    views = _run(_controller(pool, demo_args, tmp_path), [lr_path], sampler=sampler)
     bars = [v["progress"] for v in views if v.get("progress")]
     assert [b[0] for b in bars] == [0, 0, 1, 2, 3, 4] and all(b[1] == STEPS for b in bars)
     previews = [v["slider"] for v in views if "slider" in v and not isinstance(v["slider"][1], str)]
@@ -258,6 +259,8 @@ def test_run_gives_an_8x_png_that_the_shown_command_reproduces(
     from moe_sr.cli.sr import main as sr_main
 
     argv = shlex.split(final["command"])[1:]
+    assert argv[argv.index("--sampler") + 1] == sampler
+    assert ("--eta" in argv) == (sampler == "ddim")  # the solvers take no eta
     argv[argv.index("-i") + 1] = str(lr_path)
     argv[argv.index("-o") + 1] = str(tmp_path / "cli")
     monkeypatch.chdir(REPO)
@@ -452,7 +455,7 @@ class _CountingPipe:
     def set_ffn_moe_routing(self, mode):
         self.routing = mode
 
-    def __call__(self, lr, *, steps, eta, seed, color_fix, callback):
+    def __call__(self, lr, *, sampler, steps, eta, seed, color_fix, callback):
         import torch
 
         from moe_sr.pipeline import SRResult

@@ -64,8 +64,11 @@ def test_registering_two_objects_under_one_name_fails():
 
 
 def test_bad_dotted_path():
-    with pytest.raises(RegistryError, match="no attribute"):
+    # a ConfigError (what every CLI reports as one line), not the registry's KeyError
+    with pytest.raises(ConfigError, match="no attribute"):
         instantiate({"target": "torch.nn.NoSuchLayer"})
+    with pytest.raises(ConfigError, match="Did you mean 'vq_model'"):
+        instantiate({"target": "vq_modle"})
 
 
 def test_merge_overrides_and_resolved_dump(tmp_path):

@@ -93,8 +93,20 @@ def test_errors(weights_dir, tmp_path, capsys):
     assert not (out / "summary.json").exists()
     assert main([*base, "--weights-dir", str(weights_dir), "--compare", f"moe_sr={out}"]) == 2
     assert "clashes with --name moe_sr" in capsys.readouterr().err
-    # HR names that do not pair with the SR outputs: listed by the evaluation
+    # HR names that do not pair with the LR inputs: listed before the SR run (issue)
     (tmp_path / "hr" / "b.png").rename(tmp_path / "hr" / "b_hr.png")
     assert main([*base, "--weights-dir", str(weights_dir)]) == 2
-    assert "b_hr" in capsys.readouterr().err
-    assert sorted(p.name for p in (out / "sr").iterdir()) == ["a.png", "b.png"]
+    err = capsys.readouterr().err
+    assert "b_hr.png: no LR image named b_hr" in err and "b.png: no HR image named b" in err
+    assert not (out / "sr").exists()  # nothing was run
+    # an --out that is a file: refused before the SR run
+    (tmp_path / "hr" / "b_hr.png").rename(tmp_path / "hr" / "b.png")
+    (tmp_path / "file").write_text("x")
+    argv = [*base[:5], str(tmp_path / "file"), *base[6:], "--weights-dir", str(weights_dir)]
+    assert main(argv) == 2
+    assert "is a file" in capsys.readouterr().err
+    # an HR image of the wrong size: the same, before the SR run
+    Image.open(tmp_path / "hr" / "a.png").crop((0, 0, 8, 8)).save(tmp_path / "hr" / "a.png")
+    assert main([*base, "--weights-dir", str(weights_dir)]) == 2
+    assert "a.png: 8x8 is not 8x its LR image" in capsys.readouterr().err
+    assert not (out / "sr").exists()

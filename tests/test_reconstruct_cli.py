@@ -113,7 +113,7 @@ def test_cli_bad_checkpoint_and_missing_config_exit_2(tmp_path, capsys):
     )
     assert "x.ckpt is not a PyTorch checkpoint" in capsys.readouterr().err
     assert main(["a.png"]) == 2
-    assert main(["a.png", "--config", "autoencoder/nope"]) == 2
+    assert main(["a.png", "--config", "autoencoder/nope", "--random-weights"]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -122,3 +122,54 @@ def test_output_names_disambiguate_collisions(tmp_path):
     names = output_names(files, ".png")
     assert names[files[2]] == "y.png"
     assert len(set(names.values())) == 3
+
+
+def _two_inputs(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(np.full((8, 12, 3), 100, np.uint8)).save(folder / name)
+    return folder
+
+
+def test_cli_output_side_checked_before_loading(tmp_path, tiny_vq_file, capsys, monkeypatch):
+    """Issue: --suffix .xyz, an -o that is a file and outputs that are the inputs failed (or
+    overwrote) only after the work."""
+    import ldm.autoencoders.weights as weights
+
+    src = _two_inputs(tmp_path / "in")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    monkeypatch.setattr(weights, "load_autoencoder", lambda *a, **k: pytest.fail("loaded"))
+    base = [str(src), "--ckpt", str(tiny_vq_file), "--quiet"]
+    assert main([*base, "-o", str(tmp_path / "o"), "--suffix", ".xyz"]) == 2
+    assert "cannot write images of type '.xyz'" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main([*base, "-o", str(tmp_path / "f")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main([*base, "-o", str(src), "--overwrite"]) == 2
+    assert "refusing to write over input files" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_a_failed_write_is_reported_and_the_batch_goes_on(tmp_path, tiny_vq_file, capsys):
+    src = _two_inputs(tmp_path / "in")
+    out = tmp_path / "o"
+    (out / "b.png").mkdir(parents=True)
+    assert main([str(src), "--ckpt", str(tiny_vq_file), "-o", str(out), "--quiet",
+                 "--overwrite"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "b.png: cannot write" in err and "1 input(s) failed" in err
+    assert (out / "a.png").is_file() and (out / "c.png").is_file()
+
+
+def test_cli_without_weights_is_refused_unless_asked(tmp_path, capsys):
+    """Issue: without --ckpt the untrained model reconstructed silently."""
+    src = _two_inputs(tmp_path / "in")
+    out = tmp_path / "o"
+    assert main([str(src), "--config", "autoencoder/vq_f4_tiny", "-o", str(out)]) == 2
+    assert "give the weights with --ckpt" in capsys.readouterr().err
+    assert not out.exists()
+    argv = [str(src), "--config", "autoencoder/vq_f4_tiny", "-o", str(out), "--random-weights"]
+    assert main([*argv, "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]

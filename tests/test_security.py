@@ -131,7 +131,7 @@ def test_load_pretrained_refuses_payloads(probe, tmp_path):
 def test_wrong_kind_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds a unet \('unet'\), expected autoencoder"):
         load_pretrained(DEMO / "expert_stage0.safetensors", kinds=("autoencoder",))
-    with pytest.raises(CheckpointError, match=r"holds a autoencoder .* expected unet"):
+    with pytest.raises(CheckpointError, match=r"holds an autoencoder .* expected unet"):
         load_pretrained(DEMO / "fa_vae.safetensors", kinds=("unet",))
 
 

@@ -373,3 +373,13 @@ def test_cuda_float16_paths(saved_models, tmp_path):
     got = pipe(**kwargs, generator=gen, output_type="pt").images
     z16 = generate_latents(pipe, ["a boat"], [5], steps=2, guidance=3.0)[0]
     torch.testing.assert_close(got.float(), decode_latents(fa16, z16), rtol=0, atol=1e-2)
+
+
+def test_cli_decode_checks_the_output_type_before_loading(tmp_path, capsys, monkeypatch):
+    """Issue: an unknown --suffix failed only when the first image was written."""
+    save_latent(torch.randn(*LATENT), tmp_path / "lat" / "00000_s1.safetensors")
+    monkeypatch.setattr(txt2img_decode, "load_fa_vae", lambda *a, **k: pytest.fail("loaded"))
+    argv = [str(tmp_path / "lat"), "--ckpt", "x.pth", "-o", str(tmp_path / "o")]
+    assert txt2img_decode.main([*argv, "--suffix", ".xyz"]) == 2
+    assert "cannot write images of type '.xyz'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import report_failures, stderr_line
+from ldm.cli.messages import interruptible, report_failures, stderr_line
 from ldm.device import resolve_device
 
 logger = logging.getLogger("moe_sr.txt2img_decode")
@@ -153,6 +153,7 @@ def _batches(
     return out
 
 
+@interruptible("moe-sr-txt2img-decode")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -161,18 +162,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from fa_vae.txt2img import PipelineLoadError, decode_latents, read_latent
     from ldm.checkpoint import CheckpointError
+    from ldm.cli.outputs import check_output_dir
     from ldm.config import ConfigError
-    from ldm.data.image_io import write_image
+    from ldm.data.image_io import check_write_suffix, write_image
 
     if args.batch_size < 1:
         stderr_line("error: --batch-size must be >= 1")
+        return 2
+    try:  # the output side, before any work
+        suffix = check_write_suffix(args.suffix, what="--suffix")
+        check_output_dir(args.outdir)
+    except ValueError as err:
+        stderr_line(f"error: {err}")
         return 2
     files, errors = collect_latents(args.inputs)
     if errors:
         for line in errors:
             stderr_line(f"error: {line}")
         return 2
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        stderr_line(f"error: {err}")
+        return 2
     dtype = getattr(torch, args.dtype)
     try:
         fa = load_fa_vae(args.config, args.ckpt, device, dtype)
@@ -186,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     outdir = Path(args.outdir)
-    suffix = args.suffix if args.suffix.startswith(".") else "." + args.suffix
     kinds = ["fa_vae"] + (["sd_vae", "side_by_side"] if sd is not None else [])
 
     def outputs(f: Path) -> dict[str, Path]:
@@ -215,8 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(len(batch_files))
             continue
         for j, f in enumerate(batch_files):
-            for kind, path in outputs(f).items():
-                write_image(images[kind][j].cpu(), path)
+            try:  # an unwritable output is reported like an unreadable latent; the rest go on
+                for kind, path in outputs(f).items():
+                    write_image(images[kind][j].cpu(), path)
+            except (OSError, ValueError) as err:
+                failed.append(f"{f}: cannot write: {err}")
+                continue
             done += 1
         bar.update(len(batch_files))
     bar.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import stderr_line
+from ldm.cli.messages import interruptible, stderr_line
 from ldm.device import resolve_device
 
 logger = logging.getLogger("moe_sr.txt2img_latents")
@@ -74,6 +74,7 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+@interruptible("moe-sr-txt2img-latents")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -102,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         stderr_line(f"error: {err}")
         return 2
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        stderr_line(f"error: {err}")
+        return 2
     dtype_name = args.dtype or ("float32" if device.type == "cpu" else "float16")
     try:
         pipe = load_sd_pipeline(args.model, torch_dtype=getattr(torch, dtype_name), device=device)

@@ -17,9 +17,11 @@ import argparse
 import logging
 import sys
 
+from ldm.cli.messages import interruptible
 from ldm.config import ConfigError
 
 
+@interruptible("moe-sr-cache-latents")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moe-sr-cache-latents", description=__doc__.splitlines()[0])
     p.add_argument(

@@ -11,6 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from ldm.cli.messages import interruptible
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -30,12 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-compare")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ldm.cli.outputs import check_output_file
+    from ldm.data.image_io import check_write_suffix, write_image
     from ldm.evaluation.compare import comparison_columns, make_comparison, parse_crop
     from ldm.evaluation.io import read_rgb
 
     try:
+        check_write_suffix(Path(args.out).suffix, what=f"--out {args.out}")
+        check_output_file(args.out, flag="--out")
         others = []
         for item in args.image:
             label, sep, path = item.partition("=")
@@ -50,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out)
+    out = write_image(np.asarray(picture.convert("RGB")), args.out)
     sys.stdout.write(f"wrote {out} ({picture.width}x{picture.height})\n")
     return 0

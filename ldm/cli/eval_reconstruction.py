@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ldm.cli._eval_common import add_common_options, parse_metrics, setup_logging, write_outputs
+from ldm.cli.messages import interruptible
 
 log = logging.getLogger(__name__)
 DEFAULT_METRICS = ["psnr", "ssim", "lpips", "fid"]
@@ -49,14 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-eval-reconstruction")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from ldm.cli.outputs import check_output_dir
     from ldm.evaluation import MissingMetricWeights
     from ldm.evaluation.reconstruction import ModelSpec, evaluate_reconstruction
     from ldm.evaluation.report import markdown_table
 
     try:
+        check_output_dir(args.out, flag="--out")
         specs = [ModelSpec.parse(m) for m in args.model]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ldm.cli._eval_common import add_common_options, parse_metrics, setup_logging, write_outputs
+from ldm.cli.messages import interruptible
 
 log = logging.getLogger(__name__)
 DEFAULT_METRICS = ["psnr", "ssim", "lpips", "fid"]
@@ -57,6 +58,7 @@ def _parse_sr(items: list[str]) -> dict[str, Path]:
     return out
 
 
+@interruptible("moe-sr-eval-sr")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -93,11 +95,13 @@ def evaluate_folders(
     """Evaluate every ``{name: SR folder}`` against ``hr``; write per_image.csv, summary.json
     and table.md to ``out`` and print the table. ``metrics``: ``"a,b"`` or ``None`` (default
     list). Returns the exit status (2 with the error on stderr for bad input)."""
+    from ldm.cli.outputs import check_output_dir
     from ldm.evaluation import MissingMetricWeights, evaluate
     from ldm.evaluation.metrics import check_available, metric_spec
     from ldm.evaluation.report import markdown_table
 
     try:
+        check_output_dir(out, flag="--out")
         metrics, notes = parse_metrics(metrics, DEFAULT_METRICS, weights_dir)
         check_available(metrics, weights_dir)
         reports = {

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import report_failures, stderr_line
+from ldm.cli.messages import interruptible, report_failures, stderr_line
 
 logger = logging.getLogger("moe_sr.reconstruct")
 
@@ -36,11 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset name (autoencoder/vq_f4, autoencoder/kl_f8, ...) or YAML file; "
         "optional when --ckpt is a moe-sr safetensors file",
     )
-    p.add_argument("--ckpt", help="weights: .ckpt, .pth/.pt or .safetensors (default: random)")
+    p.add_argument("--ckpt", help="weights: .ckpt, .pth/.pt or .safetensors")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="without --ckpt: reconstruct with the untrained model of --config (for tests)",
+    )
     p.add_argument("--prefix", default="", help="key prefix to select, e.g. first_stage_model.")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--suffix", default=".png", help="output file type (default .png)")
+    p.add_argument(
+        "--suffix", default=".png", help="output file type: .png, .tif, .webp (lossless), .jpg"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     lr = p.add_argument_group(
         "LR-guided autoencoders (the VQ-f4 FA-VAE: its decoder fuses features of the LR image)"
@@ -88,7 +95,7 @@ def match_lr(files: list[Path], lr: str) -> tuple[dict[Path, Path], list[str]]:
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Files to process (folders expanded, sorted) and error lines for missing paths."""
-    from ldm.data.image_io import list_images
+    from ldm.data.image_io import broken_links, list_images
 
     files: list[Path] = []
     errors: list[str] = []
@@ -96,11 +103,15 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
         p = Path(item)
         if p.is_dir():
             found = list_images(p)
-            if not found:
+            broken = broken_links(p)
+            errors += [f"{b}: broken symbolic link (its target is missing)" for b in broken]
+            if not found and not broken:
                 errors.append(f"{p}: folder holds no images")
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.is_symlink():
+            errors.append(f"{p}: broken symbolic link (its target is missing)")
         else:
             errors.append(f"{p}: no such file or folder")
     return files, errors
@@ -124,6 +135,7 @@ def output_names(files: list[Path], suffix: str) -> dict[Path, str]:
     return names
 
 
+@interruptible("moe-sr-reconstruct")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -134,11 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.autoencoders.reconstruct import reconstruct_image
     from ldm.autoencoders.weights import load_autoencoder
     from ldm.checkpoint import CheckpointError
+    from ldm.cli.outputs import OutputError, check_output_dir, refuse_inputs_as_outputs
     from ldm.config import ConfigError
-    from ldm.data.image_io import ImageReadError, read_image, write_image
+    from ldm.data.image_io import ImageReadError, check_write_suffix, read_image, write_image
 
     if args.config is None and args.ckpt is None:
         stderr_line("error: give --config (a preset or YAML) and/or --ckpt")
+        return 2
+    if args.ckpt is None and not args.random_weights:
+        stderr_line(
+            "error: give the weights with --ckpt; without them the model is untrained and its "
+            "reconstructions are noise (--random-weights if that is what you want)"
+        )
+        return 2
+    try:  # the output side, before any work
+        suffix = check_write_suffix(args.suffix, what="--suffix")
+        check_output_dir(args.outdir)
+    except (OutputError, ValueError) as err:
+        stderr_line(f"error: {err}")
         return 2
     try:
         model = load_autoencoder(args.config, args.ckpt, prefix=args.prefix)
@@ -169,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         errors += lr_errors
         files = [f for f in files if f in lr_files]
     outdir = Path(args.outdir)
-    suffix = args.suffix if args.suffix.startswith(".") else "." + args.suffix
     names = output_names(files, suffix)
+    try:
+        refuse_inputs_as_outputs([*files, *lr_files.values()], [outdir / names[f] for f in files])
+    except OutputError as err:
+        stderr_line(f"error: {err}")
+        return 2
     done = skipped = 0
     for path in tqdm(files, desc="reconstruct", unit="img", disable=args.quiet):
         out = outdir / names[path]
@@ -193,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         else:
             y = reconstruct_image(model, x.to(device))
-        write_image(y, out)
+        try:  # an unwritable output is reported like an unreadable input; the batch goes on
+            write_image(y, out)
+        except (OSError, ValueError) as err:
+            errors.append(f"{out}: cannot write: {err}")
+            tqdm.write(f"error: {out}: cannot write: {err}", file=sys.stderr)
+            continue
         done += 1
 
     logger.info(

@@ -12,6 +12,8 @@ import argparse
 import logging
 import sys
 
+from ldm.checkpoint import CheckpointError
+from ldm.cli.messages import interruptible, stderr_line
 from ldm.config import ConfigError
 
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # --base takes several files, so it also swallows trailing key=value overrides: split them.
@@ -68,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             scale_lr=args.scale_lr,
             dry_run=args.dry_run,
         )
-    except ConfigError as err:
-        sys.stderr.write(f"error: {err}\n")
+    except (ConfigError, CheckpointError) as err:
+        stderr_line(f"moe-sr-train: {err}")
         return 2
     if args.dry_run:
         sys.stdout.write(str(out))

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from ldm.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,19 @@ def _to_float(arr: np.ndarray, path: Path) -> np.ndarray:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+#: Pillow modes whose pixels are read as they are (the others are converted to RGB first).
+_DIRECT_MODES = ("1", "L", "RGB", "I", "F", "I;16", "I;16B", "I;16L")
+
+
+def _reason(err: BaseException) -> str:
+    """A decoder's error as a short phrase: its first line, without the C++ source locations
+    that native decoders append ("Exception raised from ... at /path/file.cpp:123")."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = re.split(r"\s*Exception raised from", text)[0].strip()
+    text = re.sub(r"\s*\(?\S+\.(cpp|cc|c|h|hpp):\d+\)?", "", text).strip(" .:")
+    return text or type(err).__name__
+
+
 def _is_16bit_png(path: Path) -> bool:
     """PNG whose IHDR bit depth is 16 (PIL would reduce 16-bit RGB to 8 bits)."""
     with open(path, "rb") as f:
@@ -56,14 +71,16 @@ def _is_16bit_png(path: Path) -> bool:
 
 
 def _read_png16(path: Path) -> torch.Tensor:
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 flags its image IO as deprecated
-            warnings.filterwarnings("ignore", message=".*TorchVision are deprecated.*")
-            from torchvision.io import ImageReadMode, decode_png, read_file
+    from ldm.data.png16 import Png16Error, decode_png16
 
-            t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-    except RuntimeError as err:
-        raise ImageReadError(f"{path}: cannot decode 16-bit PNG ({err})") from None
+    try:
+        t = decode_png16(path.read_bytes())
+    except Png16Error as err:
+        raise ImageReadError(f"{path}: cannot decode 16-bit PNG: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a native decoder: any failure is a bad file
+        raise ImageReadError(
+            f"{path}: cannot decode 16-bit PNG (truncated or corrupt: {_reason(err)})"
+        ) from None
     x = t.to(torch.float32) / 65535.0
     if x.shape[0] in (2, 4):
         warnings.warn(f"{path}: alpha channel dropped (16-bit PNG)", UserWarning, stacklevel=3)
@@ -84,13 +101,14 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA")
+            if alpha or (mode == "P" and "transparency" in img.info):
                 warnings.warn(
                     f"{path}: alpha channel dropped (image mode {mode})", UserWarning, stacklevel=2
                 )
-                img = img.convert("RGBA" if mode != "LA" else "LA")
+                img = img.convert("LA" if mode in ("LA", "La") else "RGBA")
                 mode = img.mode
-            if mode == "P" or mode == "CMYK" or mode == "YCbCr":
+            elif mode not in _DIRECT_MODES:  # palette, CMYK, YCbCr, LAB, HSV, RGBX, ...
                 img = img.convert("RGB")
                 mode = "RGB"
             arr = np.asarray(img)
@@ -98,11 +116,17 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         raise ImageReadError(
             f"{path}: not an image file PIL can read (corrupt, or an unsupported format)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{path}: cannot decode image ({err})") from None
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"{path}: {_reason(err)}") from None
+    except MemoryError:
+        raise ImageReadError(f"{path}: too large to decode in the available memory") from None
+    except Exception as err:  # noqa: BLE001 - Pillow's decoders fail in many ways on bad files
+        raise ImageReadError(f"{path}: cannot decode image ({_reason(err)})") from None
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = arr.astype(np.uint16) if arr.dtype != np.uint16 else arr
     arr = _to_float(arr, path)
+    if mode == "F":  # 32-bit float pixels: any value; keep the documented range
+        arr = np.clip(np.nan_to_num(arr, nan=0.0), 0.0, 1.0)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.shape[2] == 2:  # LA
@@ -136,30 +160,56 @@ def _to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+#: What :func:`write_image` writes, by extension: the Pillow format and its save options.
+#: PNG, TIFF, BMP and WebP (lossless) keep every 8-bit value; JPEG is lossy (quality 95, no
+#: chroma subsampling).
+WRITE_FORMATS: dict[str, tuple[str, dict]] = {
+    ".png": ("PNG", {}),
+    ".jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".bmp": ("BMP", {}),
+    ".tif": ("TIFF", {}),
+    ".tiff": ("TIFF", {}),
+    ".webp": ("WEBP", {"lossless": True}),
+}
+#: Extensions of :data:`WRITE_FORMATS` whose files lose detail.
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+
+
+def check_write_suffix(suffix: str, *, what: str = "output") -> str:
+    """``suffix`` (``.png``; ``png`` is accepted) in lower case if :func:`write_image` can write
+    it, else a ``ValueError`` listing the ones it can."""
+    if not suffix:
+        raise ValueError(f"{what}: no file extension to tell the image type; use one of "
+                         f"{', '.join(WRITE_FORMATS)}")  # fmt: skip
+    ext = suffix.lower() if suffix.startswith(".") else "." + suffix.lower()
+    if ext not in WRITE_FORMATS:
+        raise ValueError(
+            f"{what}: cannot write images of type {suffix!r}; use one of {', '.join(WRITE_FORMATS)}"
+        )
+    return ext
 
 
 def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
-    """Write ``image`` (floats in [0, 1] or uint8; CHW or HWC) atomically; format from the suffix."""
+    """Write ``image`` (floats in [0, 1] or uint8; CHW or HWC) atomically; the format comes
+    from the suffix (:data:`WRITE_FORMATS`)."""
     path = Path(path)
+    fmt, options = WRITE_FORMATS[check_write_suffix(path.suffix, what=str(path))]
     arr = _to_uint8_hwc(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unknown image extension {path.suffix!r}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format=fmt)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        Image.fromarray(arr).save(f, format=fmt, **options)
     return path
+
+
+def broken_links(folder: str | os.PathLike) -> list[Path]:
+    """Symbolic links directly in ``folder`` with an image extension whose target is missing
+    (:func:`list_images` cannot return them; callers report them instead of skipping them
+    silently)."""
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists()
+    )
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -95,6 +95,7 @@ def evaluate(
         ]
 
     per_image = [m for m in metrics if specs[m].kind != "DIST"]
+    notes: list[str] = []
     built = {
         m: PyiqaMetric(
             m, device=device, crop_border=crop_border, y_channel=y_channel, weights_dir=weights_dir
@@ -102,6 +103,7 @@ def evaluate(
         for m in per_image
     }
     rows = []
+    gray_refs: list[str] = []
     for name, load_pred, load_ref in _progress(items, progress, "evaluate", len(items)):
         x = load_pred()[None]
         y = load_ref()[None] if load_ref is not None else None
@@ -109,17 +111,30 @@ def evaluate(
             raise ValueError(
                 f"{name}: prediction {tuple(x.shape[1:])} and reference {tuple(y.shape[1:])} differ in size"
             )
+        if y is not None and _is_gray(y[0]) and not _is_gray(x[0]):
+            gray_refs.append(name)
         row = {"image": name}
         for m, metric in built.items():
             row[m] = float(metric(x, y if specs[m].kind == "FR" else None)[0])
         rows.append(row)
 
+    if gray_refs:
+        notes.append(
+            f"{len(gray_refs)} reference image(s) are grayscale but the predictions are colour "
+            f"({', '.join(gray_refs[:3])}{', ...' if len(gray_refs) > 3 else ''}): the metrics "
+            "compare colour with gray; use colour references or grayscale predictions"
+        )
+        log.warning(notes[-1])
     summary = {m: sum(r[m] for r in rows) / len(rows) for m in per_image} if rows else {}
-    notes = []
     for m in metrics:
         if specs[m].kind != "DIST":
             continue
-        if tensors:
+        if len(items) < 2:  # a distribution needs two samples: say so, keep the other metrics
+            summary[m] = float("nan")
+            notes.append(f"{m} not computed: it compares two sets of images and needs at "
+                         f"least 2 per side, got {len(items)}")  # fmt: skip
+            log.warning(notes[-1])
+        elif tensors:
             summary[m] = fid_mod.fid_tensors(pred, ref, device=device, weights_dir=weights_dir)
         else:
             summary[m] = _folder_fid(pairs, device=device, weights_dir=weights_dir)
@@ -131,6 +146,11 @@ def evaluate(
         options={"crop_border": crop_border, "y_channel": y_channel, "num_images": len(rows)},
         notes=notes,
     )
+
+
+def _is_gray(img: torch.Tensor) -> bool:
+    """``[3, H, W]`` with three equal channels (a grayscale file read as RGB)."""
+    return bool(torch.equal(img[0], img[1]) and torch.equal(img[1], img[2]))
 
 
 def _folder_fid(pairs, *, device, weights_dir) -> float:

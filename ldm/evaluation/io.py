@@ -43,6 +43,8 @@ def match_folders(pred_dir, ref_dir) -> list[tuple[Path, Path]]:
     pred, ref = list_images(pred_dir), list_images(ref_dir)
     if not ref:
         raise ValueError(f"no images in the reference folder {ref_dir}")
+    if not pred:
+        raise ValueError(f"no images in {pred_dir} (the folder to evaluate is empty)")
     by_stem: dict[str, dict[str, Path]] = {"pred": {}, "ref": {}}
     for side, files in (("pred", pred), ("ref", ref)):
         for f in files:
@@ -67,3 +69,44 @@ def match_folders(pred_dir, ref_dir) -> list[tuple[Path, Path]]:
             f"  only in {ref_dir}: {fmt(only_ref)}"
         )
     return [(by_stem["pred"][s], by_stem["ref"][s]) for s in sorted(by_stem["ref"])]
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the file header (nothing decoded); ``None`` if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def check_lr_hr_pairs(lr_dir, hr_dir, scale: int) -> None:
+    """Before an SR run whose outputs will be scored: every LR image has an HR image of the
+    same name (stem) that is ``scale`` times its size, and every HR image an LR one. Raises
+    ``ValueError`` listing the problems (from the file headers; nothing is decoded)."""
+    lr = {p.stem: p for p in list_images(lr_dir)}
+    hr = {p.stem: p for p in list_images(hr_dir)}
+    if not lr:
+        raise ValueError(f"no images in the LR folder {lr_dir}")
+    problems = [
+        f"{lr[s].name}: no HR image named {s}.* in {hr_dir}" for s in sorted(set(lr) - set(hr))
+    ]
+    problems += [
+        f"{hr[s].name}: no LR image named {s}.* in {lr_dir}" for s in sorted(set(hr) - set(lr))
+    ]
+    for s in sorted(set(lr) & set(hr)):
+        lr_size, hr_size = image_size(lr[s]), image_size(hr[s])
+        if hr_size is None:
+            problems.append(f"{hr[s]}: not a readable image")
+        elif lr_size is not None and hr_size != (lr_size[0] * scale, lr_size[1] * scale):
+            problems.append(
+                f"{hr[s].name}: {hr_size[0]}x{hr_size[1]} is not {scale}x its LR image "
+                f"({lr_size[0]}x{lr_size[1]})"
+            )
+    if problems:
+        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError(
+            f"the LR and HR folders do not pair up for {scale}x evaluation: "
+            + "; ".join(problems[:10])
+            + more
+        )

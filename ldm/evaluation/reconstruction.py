@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.atomic import atomic_write
 from ldm.evaluation.evaluate import evaluate
 from ldm.evaluation.io import list_images, read_rgb
 from ldm.evaluation.metrics import metric_spec
@@ -134,9 +135,10 @@ def prepare_references(
     for f in files:
         dst = out_dir / f"{f.stem}.png"
         if not dst.is_file():
-            tmp = dst.with_name(dst.stem + ".tmp.png")
-            Image.fromarray(to_uint8(center_crop_protocol(read_rgb(f), size))).save(tmp)
-            tmp.replace(dst)
+            with atomic_write(dst) as tmp:
+                Image.fromarray(to_uint8(center_crop_protocol(read_rgb(f), size))).save(
+                    tmp, format="PNG"
+                )
         refs.append(dst)
     return refs
 
@@ -169,9 +171,8 @@ def reconstruct_folder(
         x = torch.stack([read_rgb(refs[i]) for i in batch])
         y = reconstruct(model, x).cpu()
         for j, i in enumerate(batch):
-            tmp = outs[i].with_name(outs[i].stem + ".tmp.png")
-            Image.fromarray(to_uint8(y[j])).save(tmp)
-            tmp.replace(outs[i])
+            with atomic_write(outs[i]) as tmp:
+                Image.fromarray(to_uint8(y[j])).save(tmp, format="PNG")
     return outs
 
 

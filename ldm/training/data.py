@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.atomic import atomic_write
 from ldm.config import ConfigError, instantiate, to_plain
 from ldm.registry import register
 
@@ -130,9 +131,8 @@ def write_sample_images(
         if img.ndim == 2:
             img = np.stack([img] * 3, axis=-1)
         img = img[..., :3].astype(np.uint8)
-        tmp = folder / f".{name}.png.tmp"
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, folder / f"{name}.png")
+        with atomic_write(folder / f"{name}.png") as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
     logger.info("wrote %d sample images to %s", len(names), folder)
     return folder
 

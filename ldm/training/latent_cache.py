@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ldm.atomic import atomic_write
 from ldm.config import instantiate
 
 logger = logging.getLogger(__name__)
@@ -56,13 +57,12 @@ def cache_latents(
         if isinstance(enc, tuple):
             enc = enc[0]
         z = enc if isinstance(enc, torch.Tensor) else enc.mode()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {"latent": z[0].float().cpu().contiguous()},
-            str(tmp),
-            metadata={"source": Path(item["path"]).name, "layout": "CHW unscaled latent"},
-        )
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            save_file(
+                {"latent": z[0].float().cpu().contiguous()},
+                str(tmp),
+                metadata={"source": Path(item["path"]).name, "layout": "CHW unscaled latent"},
+            )
         written += 1
     logger.info("cached %d latents in %s", written, out)
     return written

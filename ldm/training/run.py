@@ -33,6 +33,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ConfigError, dump, instantiate, load_config, save_resolved_config, to_plain
+from ldm.config import (
+    ConfigError,
+    dump,
+    instantiate,
+    load_config,
+    one_line_error,
+    parse_overrides,
+    resolve_in_place,
+    save_resolved_config,
+    to_plain,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +169,12 @@ def compose_config(
     cfg = load_config(*files, overrides=merge, resolve=False)
     for o in replace:  # key:=value replaces the node instead of merging into it
         key, value = o.split(":=", 1)
-        new = OmegaConf.from_dotlist([f"v={value}"])["v"]
-        OmegaConf.update(cfg, key.strip(), new, merge=False, force_add=True)
-    OmegaConf.resolve(cfg)
+        new = parse_overrides([f"v={value}"], what=f"override {key.strip()}:=")["v"]
+        try:
+            OmegaConf.update(cfg, key.strip(), new, merge=False, force_add=True)
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"bad override {o!r}: {one_line_error(err)}") from None
+    resolve_in_place(cfg)
     cfg.pop("include", None)
     unknown = sorted(set(cfg) - KNOWN_SECTIONS)
     if unknown:
@@ -186,26 +201,6 @@ def scaled_learning_rate(
     base_lr: float, *, batch_size: int, devices: int, num_nodes: int, accumulate: int
 ) -> float:
     return accumulate * devices * num_nodes * batch_size * base_lr
-
-
-def _loggers(light: Mapping[str, Any], run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    names = light.get("loggers", ["tensorboard", "csv"])
-    out = []
-    for n in names:
-        if n == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                logger.warning("tensorboard is not installed: TensorBoard logging is off")
-                continue
-            out.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
-        elif n == "csv":
-            out.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
-        else:
-            raise ConfigError(f"unknown logger {n!r} in lightning.loggers; use tensorboard, csv")
-    return out
 
 
 def _callbacks(light: Mapping[str, Any], paths: RunPaths, has_val: bool) -> list:
@@ -268,16 +263,71 @@ def run(
 
     With ``dry_run`` it returns the resolved config as YAML text and builds nothing.
     """
+    from ldm.training.config_check import check_training_config
+
     paths = make_run_paths(bases, logdir=logdir, name=name, resume=resume)
     cfg = compose_config(bases, overrides, paths)
+    check_training_config(cfg)
     if dry_run:
         return dump(cfg)
+    if paths.resume_ckpt is not None:
+        check_resume_checkpoint(paths.resume_ckpt)
+    new_folder = not paths.run_dir.exists()
+    try:
+        trainer, module, data = _start(cfg, paths, scale_lr=scale_lr, seed=seed)
+    except BaseException:
+        if new_folder:  # a failed start leaves no (empty) run folder behind
+            shutil.rmtree(paths.run_dir, ignore_errors=True)
+        raise
 
+    old_env = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(paths.run_dir)  # DDP workers start inside fit()
+    try:
+        trainer.fit(
+            module,
+            datamodule=data,
+            ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None,
+            weights_only=True,
+        )
+    except BaseException as err:
+        if new_folder and trainer.global_step == 0:  # failed before the first step
+            shutil.rmtree(paths.run_dir, ignore_errors=True)
+        if isinstance(err, SystemExit) and trainer.interrupted:
+            raise KeyboardInterrupt from None  # Lightning turns Ctrl-C into exit(1)
+        raise
+    finally:
+        if old_env is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = old_env
+    from lightning.pytorch.utilities import rank_zero_only
+
+    rank_zero_only(logger.info)("run folder: %s", paths.run_dir)
+    return paths.run_dir
+
+
+def check_resume_checkpoint(path: Path) -> None:
+    """Read ``path`` the way every loader does (``weights_only``, training objects inert) so
+    that a truncated, foreign or malicious ``last.ckpt`` gives the usual one-line
+    :class:`~ldm.checkpoint.CheckpointError` before Lightning opens it."""
+    from ldm.checkpoint import CheckpointError, load_torch_file
+
+    obj = load_torch_file(path, mmap=zipfile.is_zipfile(path))
+    if not isinstance(obj, Mapping) or "state_dict" not in obj or "global_step" not in obj:
+        raise CheckpointError(
+            f"{path} is not a Lightning training checkpoint (no state_dict / global_step): "
+            "resume from a run folder or its checkpoints/last.ckpt"
+        )
+
+
+def _start(cfg: DictConfig, paths: RunPaths, *, scale_lr: bool | None, seed: int):
+    """Data, model, resolved-config copy and Trainer of a run (everything before ``fit``)."""
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
     import ldm.training.targets  # noqa: F401  (registers the Lightning modules)
     from ldm.training.data import build_datamodule
+    from ldm.training.loggers import build_loggers
 
     L.seed_everything(seed, workers=True)
     light = to_plain(cfg.get("lightning") or {})
@@ -292,7 +342,7 @@ def run(
     kw = trainer_kwargs(cfg)
     kw.setdefault("default_root_dir", str(paths.run_dir))
     trainer = L.Trainer(
-        logger=_loggers(light, paths.run_dir),
+        logger=build_loggers(light, paths.run_dir),
         callbacks=_callbacks(light, paths, data.has_validation),
         **kw,
     )
@@ -318,20 +368,4 @@ def run(
         else:
             module.learning_rate = base_lr
             rank_zero_only(logger.info)("Setting learning rate to %.2e (not scaled)", base_lr)
-
-    old_env = os.environ.get(RUN_DIR_ENV)
-    os.environ[RUN_DIR_ENV] = str(paths.run_dir)  # DDP workers start inside fit()
-    try:
-        trainer.fit(
-            module,
-            datamodule=data,
-            ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None,
-            weights_only=True,
-        )
-    finally:
-        if old_env is None:
-            os.environ.pop(RUN_DIR_ENV, None)
-        else:
-            os.environ[RUN_DIR_ENV] = old_env
-    rank_zero_only(logger.info)("run folder: %s", paths.run_dir)
-    return paths.run_dir
+    return trainer, module, data

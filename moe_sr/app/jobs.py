@@ -233,7 +233,8 @@ class SRRunner:
 
         clock = time.perf_counter()
         result = pipe(
-            lr, steps=settings.steps, eta=settings.eta, seed=settings.seed,
+            lr, sampler=settings.sampler, steps=settings.steps, seed=settings.seed,
+            eta=settings.eta if settings.sampler == "ddim" else None,  # solvers: deterministic
             color_fix=settings.color_fix, callback=on_step,
         )  # fmt: skip
         seconds = time.perf_counter() - clock

@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ldm.diffusion.samplers import SAMPLERS as ALL_SAMPLERS
 from moe_sr.cli.sr import DTYPES
 from moe_sr.color_fix import COLOR_FIX_MODES
 from moe_sr.pipeline import ROUTING_MODES
 
-#: Samplers the pipeline runs. The pipeline samples with DDIM only (``ldm.diffusion.ddim``);
-#: when it takes a ``sampler`` (issue 13), list its names here (or read its registry) and pass
-#: the choice on in :func:`moe_sr.app.jobs.SRRunner._sr_one` and :func:`cli_command`.
-SAMPLERS: tuple[str, ...] = ("ddim",)
+#: Samplers the pipeline runs (``ldm.diffusion.samplers``): DDIM (eta applies) and the
+#: deterministic few-step solvers.
+SAMPLERS: tuple[str, ...] = tuple(ALL_SAMPLERS)
 TILE_MODES: tuple[str, ...] = ("auto", "on", "off")
 PRECISIONS: tuple[str, ...] = tuple(DTYPES)  # fp32, fp16, bf16: the CLI's --dtype
 MAX_SEED = 2**32 - 1  # exact in the browser's numbers (< 2**53); torch takes up to 2**64 - 1
@@ -164,10 +164,11 @@ def cli_command(model_args: Sequence[str], settings: RunSettings, input_name: st
         input_name,
         "-o",
         "sr",
+        "--sampler",
+        settings.sampler,
         "--steps",
         str(settings.steps),
-        "--eta",
-        f"{settings.eta:g}",
+        *(["--eta", f"{settings.eta:g}"] if settings.sampler == "ddim" else []),
         "--seed",
         str(settings.seed),
         "--color-fix",

@@ -70,7 +70,7 @@ def build_page(
                 )
                 with gr.Row():
                     steps = gr.Slider(
-                        1, max_steps, value=defaults.steps, step=1, label="DDIM steps",
+                        1, max_steps, value=defaults.steps, step=1, label="sampling steps",
                         elem_id="steps",
                     )  # fmt: skip
                     sampler = gr.Dropdown(
@@ -97,7 +97,7 @@ def build_page(
                     elem_id="routing",
                 )  # fmt: skip
                 with gr.Accordion("more", open=False):
-                    eta = gr.Slider(0.0, 1.0, value=defaults.eta, step=0.05, label="DDIM eta",
+                    eta = gr.Slider(0.0, 1.0, value=defaults.eta, step=0.05, label="DDIM eta (ddim only)",
                                     elem_id="eta")  # fmt: skip
                     device = gr.Dropdown(
                         devices, value=defaults.device, label="device",

@@ -23,11 +23,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from ldm.cli.messages import interruptible, report_failures
+
 WEIGHTS_ENV = "MOESR_WEIGHTS"
-DEMO_WEIGHTS = Path("assets/demo")
+#: The repository (the package is installed in editable mode): the bundled files are found
+#: from any working directory.
+REPO = Path(__file__).resolve().parents[2]
+DEMO_WEIGHTS = REPO / "assets" / "demo"
 DEMO_CONFIG = "demo/sr8x_demo"
 RELEASE_CONFIG = "moe_sr/sr8x"
-EXAMPLES = Path("assets/examples")
+EXAMPLES = REPO / "assets" / "examples"
 DEFAULT_STEPS = 50
 
 logger = logging.getLogger("moe_sr.demo")
@@ -46,14 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", default=None, metavar="DIR",
         help=f"folder with the released moe_stage{{0..3}}.ckpt + fa_vae.pth (default: "
-        f"${WEIGHTS_ENV}, else the demo model in {DEMO_WEIGHTS}/)",
+        f"${WEIGHTS_ENV}, else the demo model in assets/demo/)",
     )  # fmt: skip
-    p.add_argument("--demo-weights", default=str(DEMO_WEIGHTS), help="the demo model's folder")
+    p.add_argument(
+        "--demo-weights", default=str(DEMO_WEIGHTS),
+        help="the demo model's folder (default: assets/demo of the repository)",
+    )  # fmt: skip
     p.add_argument(
         "-i", "--input", nargs="+", default=[str(EXAMPLES / "lr")],
-        help="LR images or folders (default: assets/examples/lr)",
+        help="LR images or folders (default: assets/examples/lr of the repository)",
     )  # fmt: skip
-    p.add_argument("--hr", default=str(EXAMPLES / "hr"), help="folder of HR references, by name")
+    p.add_argument(
+        "--hr", default=str(EXAMPLES / "hr"),
+        help="folder of HR references, by name (default: assets/examples/hr)",
+    )  # fmt: skip
     p.add_argument("-o", "--output", default="outputs/demo", help="output folder")
     p.add_argument(
         "--steps", type=int, default=DEFAULT_STEPS,
@@ -92,7 +105,10 @@ def build_demo_pipeline(args: argparse.Namespace):
     from ldm.config import ConfigError
     from ldm.device import resolve_device
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise DemoError(str(err)) from None
     weights = args.weights or os.environ.get(WEIGHTS_ENV)
     try:
         return _load_pipeline(args, weights, device)
@@ -135,23 +151,39 @@ def _inputs(items: list[str]) -> list[Path]:
     return files
 
 
-def run_demo(args: argparse.Namespace) -> list[Path]:
-    """Super-resolve every input; returns the written files (SR images and comparisons)."""
+def run_demo(args: argparse.Namespace, errors: list[str] | None = None) -> list[Path]:
+    """Super-resolve every input; returns the written files (SR images and comparisons).
+    Unreadable inputs are appended to ``errors`` and skipped."""
     from tqdm import tqdm
 
-    from ldm.data.image_io import read_image, write_image
+    from ldm.cli.outputs import OutputError, check_output_dir, refuse_inputs_as_outputs
+    from ldm.data.image_io import ImageReadError, read_image, write_image
     from ldm.evaluation.compare import comparison_columns, make_comparison
 
     files = _inputs(args.input)
+    out = Path(args.output)
+    outputs = [out / f"{f.stem}{s}.png" for f in files for s in ("", "_compare")]
+    try:  # the output side, before any work
+        refuse_inputs_as_outputs(
+            [*files, *(Path(args.hr) / f.name for f in files)], [*outputs, out / "comparison.png"]
+        )
+        check_output_dir(out)
+    except OutputError as err:
+        raise DemoError(str(err)) from None
     pipe, what = build_demo_pipeline(args)
     logger.info("using the %s (%d stages, %d DDIM steps)", what, pipe.stages.num_stages, args.steps)
-    out = Path(args.output)
     written: list[Path] = []
     pictures = []
     bar = tqdm(files, desc="images", unit="img", disable=args.quiet)
     for path in bar:
         bar.set_postfix_str(path.name)
-        lr = read_image(path)
+        try:
+            lr = read_image(path)
+        except ImageReadError as err:  # reported at the end; the other images go on
+            if errors is None:
+                raise DemoError(str(err)) from None
+            errors.append(str(err))
+            continue
         steps_bar = tqdm(total=args.steps, desc="  DDIM", unit="step", leave=False,
                          disable=args.quiet)  # fmt: skip
         start = time.perf_counter()
@@ -170,7 +202,7 @@ def run_demo(args: argparse.Namespace) -> list[Path]:
         cols = comparison_columns(lr, [("SR (8x)", result.image)], hr)
         picture = make_comparison(cols)
         compare_path = out / f"{path.stem}_compare.png"
-        picture.save(compare_path)
+        write_image(np.asarray(picture.convert("RGB")), compare_path)
         pictures.append(picture)
         written += [sr_path, compare_path]
     if pictures:
@@ -182,6 +214,8 @@ def _stack(pictures: list, path: Path) -> Path:
     """All comparison rows in one picture (each scaled to the widest)."""
     from PIL import Image
 
+    from ldm.data.image_io import write_image
+
     width = max(p.width for p in pictures)
     rows = [p if p.width == width else p.resize((width, round(p.height * width / p.width)))
             for p in pictures]  # fmt: skip
@@ -190,16 +224,18 @@ def _stack(pictures: list, path: Path) -> Path:
     for r in rows:
         canvas.paste(r, (0, top))
         top += r.height
-    canvas.save(path)
+    write_image(np.asarray(canvas), path)
     return path
 
 
+@interruptible("moe-sr-demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    errors: list[str] = []
     try:
-        written = run_demo(args)
+        written = run_demo(args, errors)
     except DemoError as err:
         sys.stderr.write(f"moe-sr-demo: {err}\n")
         return 2
@@ -209,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  side-by-side picture: {out / 'comparison.png'}\n"
         f"  SR images: {', '.join(str(p) for p in written if not p.stem.endswith('_compare') and p.name != 'comparison.png')}\n"
     )
-    return 0
+    return report_failures(f"moe-sr-demo: {len(errors)} input(s) failed:", errors)
 
 
 if __name__ == "__main__":

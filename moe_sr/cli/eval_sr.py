@@ -21,18 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.cli.messages import stderr_line
+from ldm.cli.messages import DefaultsHelpFormatter, interruptible, stderr_line
 from moe_sr.cli.sr import add_pipeline_options
-
-
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except empty ones (None, False, [])."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        d = action.default
-        if d is None or d is False or d == [] or d is argparse.SUPPRESS:
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-sr-eval",
         description="8x SR of a folder of LR images with SS-MoE + FA-VAE, then metrics against "
         "the HR references (paired by file name).",
-        formatter_class=_DefaultsHelp,
+        formatter_class=DefaultsHelpFormatter,
     )
     io = p.add_argument_group("data and outputs")
     io.add_argument("--lr", required=True, help="folder of LR images (the pipeline input)")
@@ -70,12 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("moe-sr-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from ldm.cli.eval_sr import _parse_sr, evaluate_folders
+    from ldm.cli._eval_common import parse_metrics
+    from ldm.cli.eval_sr import DEFAULT_METRICS, _parse_sr, evaluate_folders
+    from ldm.cli.outputs import check_output_dir
+    from ldm.evaluation import MissingMetricWeights
+    from ldm.evaluation.io import check_lr_hr_pairs
+    from ldm.evaluation.metrics import check_available
     from moe_sr.cli.sr import run as run_sr
     from moe_sr.distributed import Shard
+    from moe_sr.pipeline import SCALE
 
     for flag, folder in (("--lr", args.lr), ("--hr", args.hr)):
         if not Path(folder).is_dir():
@@ -89,9 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.name in compare:
         stderr_line(f"moe-sr-eval: --compare {args.name}=... clashes with --name {args.name}")
         return 2
+    try:  # what would fail after the SR run fails before it
+        check_lr_hr_pairs(args.lr, args.hr, SCALE)
+        metrics, _ = parse_metrics(args.metrics, DEFAULT_METRICS, args.metric_weights_dir)
+        check_available(metrics, args.metric_weights_dir)
+        check_output_dir(args.out, flag="--out")
+    except (MissingMetricWeights, ValueError) as err:
+        stderr_line(f"moe-sr-eval: {err}")
+        return 2
     sr_dir = Path(args.sr_dir) if args.sr_dir else Path(args.out) / "sr"
     sr_args = argparse.Namespace(
-        **vars(args), input=[args.lr], output=str(sr_dir), save_latents=False
+        **vars(args), input=[args.lr], output=str(sr_dir), save_latents=False, format="png"
     )
     rc = run_sr(sr_args)  # under torchrun: this rank's share, then a final gather on rank 0
     if Shard.from_env().rank != 0:

@@ -14,9 +14,11 @@ import logging
 import sys
 
 from ldm.checkpoint import CheckpointError
+from ldm.cli.messages import interruptible
 from ldm.config import ConfigError
 
 
+@interruptible("moe-sr-export-expert")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moe-sr-export-expert", description=__doc__.splitlines()[0])
     p.add_argument(

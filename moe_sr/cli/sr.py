@@ -8,9 +8,11 @@ Examples::
     # a folder of our safetensors (experts + FA-VAE), GPU, half precision, experts offloaded
     moe-sr --weights-dir release_st/ -i lr/ -o sr/ --device cuda --dtype fp16 --vae-fp32 --offload
 
-Outputs keep the input file names (sorted), are written atomically, and existing ones are
-skipped unless ``--overwrite``. An unreadable image is reported and skipped; the exit status is
-1 if any image failed. Under ``torchrun`` each process takes its share of the sorted inputs
+Outputs are PNG files named after the inputs, sorted (``--format same`` keeps the input's
+type), are written atomically, and existing ones are skipped unless ``--overwrite``. The output
+side is checked before any work; no output may be an input. An unreadable image (or an
+unwritable output) is reported and skipped; the exit status is 1 if any image failed, 130 on
+Ctrl-C. Under ``torchrun`` each process takes its share of the sorted inputs
 (``moe_sr.distributed``) and rank 0 prints one summary.
 """
 
@@ -24,11 +26,17 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.messages import report_failures, stderr_line
+from ldm.cli.messages import (
+    DefaultsHelpFormatter,
+    interruptible,
+    report_failures,
+    stderr_line,
+)
 
 logger = logging.getLogger("moe_sr.sr")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OUTPUT_FORMATS = ("png", "same")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-sr",
         description="8x image super-resolution: latent diffusion with a sampling-space mixture "
         "of experts and the frequency-augmented VAE (Luo et al., arXiv 2310.12004).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     io = p.add_argument_group("input / output")
     io.add_argument("-i", "--input", nargs="+", required=True, help="LR images and/or folders")
     io.add_argument("-o", "--output", required=True, help="output folder (same file names)")
     io.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    io.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default="png",
+        help="output image type: png (lossless) or the input's own type (same; JPEG inputs "
+        "then give lossy JPEG outputs)",
+    )
     io.add_argument(
         "--save-latents",
         action="store_true",
@@ -124,43 +139,61 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = list(args.overrides)
-    for flag, key in (
-        ("tile", "tiling.mode"),
-        ("tile_size", "tiling.latent_tile"),
-        ("tile_overlap", "tiling.latent_overlap"),
-        ("vae_tile_size", "tiling.vae_tile"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            out.append(f"{key}={value}")
-    return out
+#: ``--tile*`` options -> keys of the config's ``tiling:`` section (set as typed values, not
+#: parsed from text: ``on`` / ``off`` would become YAML booleans).
+TILE_FLAGS = (
+    ("tile", "mode"),
+    ("tile_size", "latent_tile"),
+    ("tile_overlap", "latent_overlap"),
+    ("vae_tile_size", "vae_tile"),
+)
 
 
 def _config(args: argparse.Namespace) -> dict:
     from ldm.config import load_config, to_plain
-    from moe_sr.build import load_pipeline_config
+    from moe_sr.build import check_pipeline_config, load_pipeline_config
 
-    cfg = load_pipeline_config(args.config, _overrides(args))
+    cfg = load_pipeline_config(args.config, args.overrides)
+    tiling = dict(cfg.get("tiling") or {})
+    tiling.update({key: getattr(args, flag) for flag, key in TILE_FLAGS
+                   if getattr(args, flag) is not None})  # fmt: skip
+    cfg["tiling"] = tiling
     if args.vae_config:
         cfg["vae"] = to_plain(load_config(args.vae_config))
+    check_pipeline_config(cfg)
     return cfg
 
 
+def _output_suffix(src: Path, fmt: str) -> str:
+    from ldm.data.image_io import check_write_suffix
+
+    if fmt != "same":
+        return "." + fmt
+    if not src.suffix:
+        raise ValueError(f"{src} has no extension, so --format same has no type to keep; use "
+                         "--format png")  # fmt: skip
+    return check_write_suffix(src.suffix, what=f"{src} (--format same)")
+
+
 def _plan(files: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
+    """``(input, output image, latent file or None)`` per input; raises ``ValueError`` when
+    two inputs would write the same output."""
     out = Path(args.output)
     plan = []
     for f in files:
         latent = out / "latents" / f"{f.stem}.safetensors" if args.save_latents else None
-        plan.append((f, out / f.name, latent))
-    names = [f.name for f in files]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise SystemExit(f"moe-sr: several inputs share the output name(s) {dup}; run them apart")
+        plan.append((f, out / (f.stem + _output_suffix(f, args.format)), latent))
+    seen: dict[Path, Path] = {}
+    for src, dst, _ in plan:
+        if dst in seen:
+            raise ValueError(
+                f"{seen[dst]} and {src} would both write {dst}; run them apart (or rename one)"
+            )
+        seen[dst] = src
     return plan
 
 
+@interruptible("moe-sr")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -170,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """SR of ``args.input`` into ``args.output`` (the options of :func:`build_parser`); the
     exit status: 0 done, 1 some image failed, 2 bad config or weights."""
+    from ldm.cli.outputs import OutputError, check_output_dir, refuse_inputs_as_outputs
     from ldm.cli.reconstruct import collect_inputs
     from ldm.config import ConfigError, dump
+    from ldm.data.image_io import LOSSY_EXTENSIONS
     from moe_sr.distributed import Shard
 
     try:
@@ -182,8 +217,19 @@ def run(args: argparse.Namespace) -> int:
         stderr_line(f"moe-sr: {err}")
         return 2
     files, errors = collect_inputs(args.input)
-    plan = shard.take(_plan(files, args))  # the full sorted plan, split before any skipping
+    try:  # the output side, before any work
+        plan = _plan(files, args)
+        refuse_inputs_as_outputs(files, [p for _, dst, lat in plan for p in (dst, lat) if p])
+        check_output_dir(args.output)
+    except (OutputError, ValueError) as err:
+        stderr_line(f"moe-sr: {err}")
+        return 2
+    plan = shard.take(plan)  # the full sorted plan, split before any skipping
     errors = errors if shard.rank == 0 else []  # input problems are reported once
+    lossy = sorted({dst.suffix for _, dst, _ in plan if dst.suffix.lower() in LOSSY_EXTENSIONS})
+    if lossy:
+        logger.warning("outputs of type %s are lossy (quality 95); --format png keeps every "
+                       "pixel", ", ".join(lossy))  # fmt: skip
     todo = [
         item
         for item in plan
@@ -321,10 +367,13 @@ def _run(pipe, todo: list[tuple[Path, Path, Path | None]], args: argparse.Namesp
             steps_bar.close()
             decode_bar.close()
         for ((src, dst, latent_path), _), result in zip(batch, results):
-            write_image(result.image, dst)
-            if latent_path is not None:
-                _save_latent(result.latent, latent_path, src, pipe, args)
             bar.update(1)
+            try:  # an unwritable output is reported like an unreadable input; the batch goes on
+                write_image(result.image, dst)
+                if latent_path is not None:
+                    _save_latent(result.latent, latent_path, src, pipe, args)
+            except (OSError, ValueError) as err:
+                errors.append(f"{dst}: cannot write: {err}")
         logger.debug("%d image(s) in %.1f s", len(batch), time.perf_counter() - start)
     bar.close()
     return errors
@@ -352,11 +401,10 @@ class _DecodeBar:
 
 
 def _save_latent(latent: torch.Tensor, path: Path, src: Path, pipe, args) -> None:
-    import os
-
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ldm.atomic import atomic_write
+
     meta = {
         "source": src.name,
         "seed": str(pipe.seed if args.seed is None else args.seed),
@@ -364,9 +412,8 @@ def _save_latent(latent: torch.Tensor, path: Path, src: Path, pipe, args) -> Non
         "eta": str(pipe.eta if args.eta is None else args.eta),
         "layout": "CHW pre-quantisation vq-f4 latent of the 8x output (2x the LR size)",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"latent": latent.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({"latent": latent.contiguous()}, str(tmp), metadata=meta)
 
 
 if __name__ == "__main__":
