@@ -44,7 +44,7 @@ case $DEVICE in
 esac
 export PYTHON=$PY
 LOGDIR=$WORK/logs
-AE_BATCHES=2500      # (b) autoencoder batches (Lightning counts 2 steps per batch: 2 optimizers)
+AE_BATCHES=4000      # (b) autoencoder batches (Lightning counts 2 steps per batch: 2 optimizers)
 STAGE_STEPS=6000     # (c) steps per stage expert
 FA_BATCHES=1500      # (d) FA fine-tuning batches
 scaled() { awk -v n="$1" -v s="$STEPS_SCALE" 'BEGIN { v = int(n * s + 0.5); print (v < 1 ? 1 : v) }'; }

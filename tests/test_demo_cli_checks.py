@@ -88,10 +88,18 @@ def test_the_demo_runs_from_another_working_directory(tmp_path, monkeypatch, cap
     }
 
 
-@pytest.mark.skipif(not any(DEMO_WEIGHTS.glob("*.safetensors")), reason="no demo weights")
 def test_demo_weights_with_the_default_config_name_the_config_they_need(tmp_path, capsys):
+    """Expert files of the demo's UNet (2 stages) with the default 4-stage config: the message
+    names the bundled config whose stages and UNet their metadata match."""
+    weights = tmp_path / "weights"
+    unet_cfg = load_config("demo/unet")
+    for k, t_range in enumerate([(0, 500), (500, 1000)]):
+        save_expert(instantiate(unet_cfg), weights / f"expert_stage{k}.safetensors",
+                    config=unet_cfg, stage=k, num_stages=2, t_range=t_range)  # fmt: skip
+    vae_cfg = load_config("fa_vae/vq_f4_fa_tiny")
+    save_pretrained(instantiate(vae_cfg), weights / "fa_vae.safetensors", vae_cfg)
     src = _lr(tmp_path / "lr", ("a.png",))
-    argv = ["-i", str(src), "-o", str(tmp_path / "o"), "--weights-dir", str(DEMO_WEIGHTS)]
+    argv = ["-i", str(src), "-o", str(tmp_path / "o"), "--weights-dir", str(weights)]
     assert sr_main([*argv, "--steps", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "the expert files are 2 stages [0, 500, 1000]" in err
