@@ -73,18 +73,22 @@ def _as_8bit(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def autoencoder_reconstructions(
-    fa_vae: torch.nn.Module, hr: torch.Tensor, lr_up8: torch.Tensor
+    fa_vae: torch.nn.Module, hr: torch.Tensor, lr_u8: np.ndarray, tiling: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(plain, fa, indices)``: HR encoded and quantized, decoded by the base decoder alone and
-    by the FA decoder with the LR features (both ``[3, H, W]`` in [0, 1]); the code indices."""
+    by the FA decoder with the features of the x8 LR image ``lr_u8`` the way the SR pipeline
+    decodes (:func:`moe_sr.tiling.fa_vae_decode`, tiled by ``tiling`` above its VAE tile; the
+    frequency module's FFT makes the FA decoder depend on the size it sees), both
+    ``[3, H, W]`` in [0, 1]; the code indices."""
     from fa_vae.model import base_autoencoder
+    from moe_sr.tiling import TilingConfig, fa_vae_decode
 
     p = next(fa_vae.parameters())
     x = (hr[None] * 2 - 1).to(p.device, p.dtype)
     z_q, _, indices = fa_vae.quantize(fa_vae.encode(x))
     plain = base_autoencoder(fa_vae).decode(z_q, quantize=False)
-    skips = fa_vae.lr_features((lr_up8[None] * 2 - 1).to(p.device, p.dtype))
-    fa = fa_vae.decode(z_q, skips=skips, quantize=False)
+    tiling = TilingConfig(mode="off") if tiling is None else tiling
+    fa = fa_vae_decode(fa_vae, z_q, [lr_u8], tiling, scale=4, lr_scale=8)
 
     def img(t: torch.Tensor) -> torch.Tensor:
         return ((t[0].float().cpu() + 1) / 2).clamp(0, 1)
@@ -110,7 +114,7 @@ def evaluate_images(
         hr = _chw01(hr_u8)
         sr = _as_8bit(pipe(lr_u8, steps=steps).image.float().cpu())
         bicubic = _chw01(imresize(lr_u8, output_shape=hr_u8.shape[:2]))
-        plain, fa, indices = autoencoder_reconstructions(pipe.vae, hr, bicubic)
+        plain, fa, indices = autoencoder_reconstructions(pipe.vae, hr, lr_u8, pipe.tiling)
         used.update(indices.unique().tolist())
         if sr_out is not None:
             from ldm.data.image_io import write_image

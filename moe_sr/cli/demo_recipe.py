@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             out = recipe.release_copy(f, Path(args.out) / Path(f).name, dtype=args.dtype)
             sys.stdout.write(f"{out}\n")
     elif args.command == "evaluate":
+        from ldm.atomic import atomic_write
         from moe_sr import demo_eval
         from moe_sr.build import build_pipeline_from_folder
 
@@ -88,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         table = demo_eval.results_markdown(report, settings=pipe.describe_sampling(args.steps))
         sys.stdout.write(table)
-        if args.markdown:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(table)
-        if args.json:
-            payload = {"rows": report.rows, "codebook_usage": report.codebook_usage,
-                       "checks": report.checks}  # fmt: skip
-            Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        payload = {"rows": report.rows, "codebook_usage": report.codebook_usage,
+                   "checks": report.checks}  # fmt: skip
+        for path, text in ((args.markdown, table), (args.json, json.dumps(payload, indent=1))):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(path) as tmp:
+                    Path(tmp).write_text(text.rstrip("\n") + "\n")
         return 0 if report.passed else 3
     return 0
 
