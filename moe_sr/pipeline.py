@@ -39,6 +39,7 @@ from torch import nn
 
 from ldm.data.sr_inputs import condition_x2, lr_to_uint8_hwc
 from ldm.device import resolve_device
+from ldm.diffusion.denoiser import ConcatDenoiser, StepCallback
 from ldm.diffusion.samplers import check_sampler_options, run_sampler
 from ldm.diffusion.schedule import NoiseSchedule
 from moe_sr.color_fix import COLOR_FIX_MODES
@@ -55,7 +56,6 @@ SCALE = 8  # output / input size
 LATENT_PER_LR = 2  # latent / LR size (vq-f4 latent of an 8x output)
 ROUTING_MODES = ("random", "average")
 
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 #: ``decode_callback(done, total)`` after each FA-VAE tile (once for an untiled decode)
 DecodeCallback = Callable[[int, int], None]
 
@@ -69,17 +69,6 @@ class SRResult:
     image: torch.Tensor
     latent: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class _ExpertDenoiser:
-    """``eps = unet(cat([x_t, cond]), t)`` in the UNet's dtype, returned in the sampler's dtype."""
-
-    def __init__(self, unet: nn.Module, dtype: torch.dtype) -> None:
-        self.unet, self.dtype = unet, dtype
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([x_t, cond], dim=1).to(self.dtype)
-        return self.unet(x, t).to(x_t.dtype)
 
 
 def _vae_channels(vae: nn.Module) -> int:
@@ -191,7 +180,7 @@ class MoESRPipeline:
         self.unets = self.residency.unets
         self.vae = vae.to(device=self.device, dtype=self.vae_dtype).eval().requires_grad_(False)
         self.router = TimestepRouter(
-            [_ExpertDenoiser(u, dtype) for u in self.unets],
+            [ConcatDenoiser(u, dtype) for u in self.unets],
             stages,
             on_switch=self.residency.on_switch,
         )

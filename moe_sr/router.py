@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
+from ldm.diffusion.denoiser import Denoiser
 from moe_sr.stages import StageSchedule
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TimestepRouter"]
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 #: ``on_switch(prev_stage, new_stage)``; ``prev_stage`` is ``None`` on the first call.
 SwitchHook = Callable[[int | None, int], None]
 

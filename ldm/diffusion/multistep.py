@@ -18,18 +18,17 @@ the expert that owns that timestep.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.spacing import DEFAULT_SPACING, solver_timesteps
 
 __all__ = ["SolverGrid", "solver_grid"]
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ldm.config import ConfigError, instantiate, to_plain
 from ldm.diffusion.ddim import ddim_sample
+from ldm.diffusion.denoiser import ConcatDenoiser
 from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
 from ldm.registry import register
 from ldm.training.ema import EMA
@@ -32,27 +32,6 @@ from ldm.training.first_stage import build_first_stage, decode_latent, encode_to
 from ldm.training.init_weights import init_from_checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-class DiffusionWrapper(nn.Module):
-    """LDM's concat ``DiffusionWrapper``: holds the UNet as ``diffusion_model``; a denoiser.
-
-    ``wrapper(x_t, t, cond) = diffusion_model(cat([x_t, cond], 1), t)``. (The attribute name keeps
-    the ``model.diffusion_model.*`` checkpoint keys of latent-diffusion.)
-    """
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.diffusion_model = unet
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if cond.shape[0] != x_t.shape[0] or cond.shape[2:] != x_t.shape[2:]:
-            raise ValueError(
-                f"condition {tuple(cond.shape)} must match the latent {tuple(x_t.shape)} in batch "
-                "and spatial size: for vq-f4 and 8x SR the condition is the LR image upsampled "
-                "x2 ('lr_up2')"
-            )
-        return self.diffusion_model(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t)
 
 
 def build_schedule(spec: Mapping[str, Any] | None) -> NoiseSchedule:
@@ -121,7 +100,7 @@ class DiffusionSRModule(L.LightningModule):
         for name, value in sched.ldm_buffers().items():
             self.register_buffer(name, value)
 
-        self.model = DiffusionWrapper(instantiate(unet))
+        self.model = ConcatDenoiser(instantiate(unet))
         if init_from is not None:
             init_from_checkpoint(self.model.diffusion_model, **dict(to_plain(init_from)))
         self.use_ema = bool(use_ema)
