@@ -46,7 +46,7 @@ from ldm.config import (
     validate_untrusted,
 )
 from ldm.diffusion.samplers import check_sampler_options
-from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
+from ldm.diffusion.schedule import NoiseSchedule, build_schedule
 from moe_sr.checkpoints import (
     OnMismatch,
     Weights,
@@ -142,14 +142,6 @@ def check_pipeline_config(cfg: Mapping[str, Any]) -> None:
                 f"pipeline config: {key} must be one of {list(choices)}, got {cfg[key]!r}"
             )
     build_schedule(cfg["schedule"])
-
-
-def build_schedule(spec: Mapping[str, Any]) -> NoiseSchedule:
-    """``{kind: linear|cosine, num_timesteps, ...}`` -> :class:`NoiseSchedule`."""
-    try:
-        return schedule_from_spec(to_plain(spec))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:

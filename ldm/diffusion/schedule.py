@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["NoiseSchedule", "LDM_BUFFER_NAMES"]
+from ldm.config import ConfigError, to_plain
+
+__all__ = ["NoiseSchedule", "LDM_BUFFER_NAMES", "build_schedule", "schedule_from_spec"]
 
 #: The 12 schedule buffers of latent-diffusion's ``DDPM`` in state_dict order.
 LDM_BUFFER_NAMES = (
@@ -239,3 +241,15 @@ def schedule_from_spec(spec: Mapping[str, Any] | None) -> NoiseSchedule:
     if kind == "cosine":
         return NoiseSchedule.cosine(**spec)
     raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
+
+
+def build_schedule(spec: Mapping[str, Any] | None) -> NoiseSchedule:
+    """A config's ``schedule`` section -> :class:`NoiseSchedule`; bad values raise ``ConfigError``.
+
+    The one builder used by training (``diffusion_sr``) and the pipeline (``moe_sr.build``);
+    see :func:`schedule_from_spec` for the keys (``None`` gives LDM's linear SR schedule).
+    """
+    try:
+        return schedule_from_spec(to_plain(spec))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
