@@ -21,8 +21,8 @@ in any batch. Images that need tiling run one at a time (their tiles already for
 the UNet calls). :func:`moe_sr.batching.batches` groups a list of images by padded size.
 
 Departures from the release (see ``shared/DESIGN.md`` section 5): the FA-VAE runs in eval mode;
-padding makes any size work; FFN-MoE routing can be ``average`` (deterministic); experts can be
-offloaded one at a time; half precision is an explicit choice instead of autocast.
+padding makes any size work; FFN-MoE routing can be ``average`` (deterministic); stage experts can
+be offloaded one at a time; half precision is an explicit choice instead of autocast.
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ def _pad_hwc(img: np.ndarray, multiple: int, minimum: int = 1) -> np.ndarray:
 
 
 class MoESRPipeline:
-    """8x SR with a sampling-space mixture of expert UNets and the FA-VAE (see module doc).
+    """8x SR with a sampling-space mixture of stage expert UNets and the FA-VAE (see module doc).
 
     Args:
-        unets: one expert UNet per stage, in stage order (``UNetModel`` instances).
-        stages: the stage boundaries the experts were trained with.
+        unets: one stage expert UNet per stage, in stage order (``UNetModel`` instances).
+        stages: the stage boundaries the stage experts were trained with.
         schedule: the diffusion noise schedule (release: linear 0.0015..0.0155, T=1000).
         vae: the FA-VAE (``fa_vae_vq_f4``): ``encode(x, return_features=True)``,
             ``decode(z, skips=..., quantize=True)``.
@@ -110,7 +110,7 @@ class MoESRPipeline:
         dtype: UNet precision (``torch.float16``/``bfloat16`` on GPU; bfloat16 also works on CPU).
         vae_dtype: FA-VAE precision (default: ``dtype``; pass ``torch.float32`` to keep the VAE
             in full precision under a half-precision UNet).
-        offload: keep only the active expert on ``device`` (the others on the CPU).
+        offload: keep only the active stage expert on ``device`` (the others on the CPU).
         prefetch: with ``offload``, copy the next stage's expert ahead on a side stream
             (default: on for CUDA; see :class:`~moe_sr.residency.ExpertResidency`).
         ffn_moe_routing: ``"random"`` (released; seeded per image) or ``"average"``.
@@ -118,13 +118,13 @@ class MoESRPipeline:
             (:mod:`ldm.diffusion.samplers`); ``spacing``: its timestep grid (default: DDIM's
             LDM grid, the solvers' ``logsnr``).
         restart_at_stages: the multistep solvers start their history afresh at every stage
-            boundary (no update mixes two experts' predictions); default off.
+            boundary (no update mixes two stage experts' predictions); default off.
         steps, eta, seed, color_fix: sampler and post-processing defaults (released values;
             ``eta`` is DDIM's only).
         tiling: a :class:`~moe_sr.tiling.TilingConfig` (default: automatic above 128 latent px).
         check_memory: refuse an input whose estimated memory exceeds the device's free memory.
 
-    The experts are cast to ``dtype`` and their FFN-MoE expert weights packed
+    The stage experts are cast to ``dtype`` and their FFN-MoE expert weights packed
     (``pack_ffn_moe_experts``: the batched layer uses them without a copy) in place; then an
     :class:`~moe_sr.residency.ExpertResidency` owns their storage.
     """
@@ -153,7 +153,7 @@ class MoESRPipeline:
         check_memory: bool = True,
     ) -> None:
         if len(unets) != stages.num_stages:
-            raise ValueError(f"{len(unets)} expert UNets for {stages.num_stages} stages")
+            raise ValueError(f"{len(unets)} stage expert UNets for {stages.num_stages} stages")
         if stages.num_timesteps != schedule.num_timesteps:
             raise ValueError(
                 f"stage boundaries end at T={stages.num_timesteps} but the noise schedule has "
@@ -164,8 +164,8 @@ class MoESRPipeline:
             logger.warning("float16 on the CPU is slow and not always supported; use bfloat16")
         if offload and self.device.type == "cpu":
             logger.warning(
-                "offload on the CPU saves no memory (the experts' home is the same RAM) and costs "
-                "one copy per stage change; leave it off unless you test the offload path"
+                "offload on the CPU saves no memory (the stage experts' home is the same RAM) and "
+                "costs one copy per stage change; leave it off unless you test the offload path"
             )
         self.dtype = dtype
         self.vae_dtype = vae_dtype or dtype
@@ -493,7 +493,7 @@ class MoESRPipeline:
         )  # fmt: skip
 
     def resident_weight_bytes(self) -> dict[str, int]:
-        """Bytes of weights on the compute device: experts and VAE."""
+        """Bytes of weights on the compute device: stage experts and VAE."""
         vae = sum(p.numel() * p.element_size() for p in self.vae.parameters())
         vae += sum(b.numel() * b.element_size() for b in self.vae.buffers())
         return {"experts": self.residency.resident_bytes(), "vae": vae}

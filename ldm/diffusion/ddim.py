@@ -250,7 +250,7 @@ def ddim_sample(
     for i in range(num):
         index = num - 1 - i
         t_int = int(params.timesteps[index])
-        # t on the host: the sampler knows it there, so a router picks its expert without a
+        # t on the host: the sampler knows it there, so a router picks its stage expert without a
         # device-to-host copy; denoisers move t to their device (the UNet does)
         t = torch.full((batch,), t_int, dtype=torch.long)
         eps = denoiser(x, t, cond)

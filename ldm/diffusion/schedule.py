@@ -77,7 +77,7 @@ class NoiseSchedule:
         """LDM's "linear" schedule: linear in sqrt(beta) (``make_beta_schedule("linear")``).
 
         ``betas = linspace(sqrt(linear_start), sqrt(linear_end), T, float64) ** 2``. The defaults
-        are those of latent-diffusion's SR models and of the released SS-MoE experts.
+        are those of latent-diffusion's SR models and of the released SS-MoE stage experts.
         """
         _check_num_timesteps(num_timesteps)
         if not 0 < linear_start < 1 or not 0 < linear_end < 1:
