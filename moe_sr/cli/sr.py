@@ -33,6 +33,7 @@ from ldm.cli.messages import (
     report_failures,
     stderr_line,
 )
+from ldm.diffusion.samplers import SAMPLERS
 
 logger = logging.getLogger("moe_sr.sr")
 
@@ -108,7 +109,7 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument(
         "--sampler",
-        choices=["ddim", "dpmpp-2m", "unipc"],
+        choices=list(SAMPLERS),
         help="ddim (released) or a few-step ODE solver (config default: ddim)",
     )
     s.add_argument("--steps", type=int, help="sampling steps (config default: 200)")
