@@ -1,13 +1,13 @@
 """Benchmark of the 8x SR pipeline at full size with random weights (not a test).
 
-Four full-size SS-MoE experts (``unet/sr8x_expert``, 428.5 M parameters each) and the FA-VAE
+Four full-size SS-MoE stage experts (``unet/sr8x_expert``, 428.5 M parameters each) and the FA-VAE
 VQ-f4 (``fa_vae/vq_f4_fa``), one 64x64 LR image -> 512x512 output, a few DDIM steps. Each memory
 policy runs in its own subprocess, so peak memory is measured cleanly:
 
-* ``resident``: all four experts on the device;
-* ``offload``: only the active expert on the device, the others on the CPU (3 switches/image),
-  the next expert copied ahead on a side stream (CUDA);
-* ``offload-noprefetch``: the same, each expert copied when its stage starts.
+* ``resident``: all four stage experts on the device;
+* ``offload``: only the active stage expert on the device, the others on the CPU (3 switches/image),
+  the next stage expert copied ahead on a side stream (CUDA);
+* ``offload-noprefetch``: the same, each stage expert copied when its stage starts.
 
 Reports time per DDIM step (overall and the median per stage), FA-VAE decode time, the
 expert-switch cost (host time in the switch hook, and the sampling time against ``resident``),
@@ -72,7 +72,7 @@ def _reset_peak_rss() -> None:
 
 
 def build_random_pipeline(args: argparse.Namespace, policy: str = "resident"):
-    """The pipeline of ``args.config`` with random weights (experts are copies of one)."""
+    """The pipeline of ``args.config`` with random weights (stage experts are copies of one)."""
     import fa_vae.targets  # noqa: F401
     import ldm.targets  # noqa: F401  (register targets also without `pip install -e .`)
     from ldm.config import instantiate, load_config
@@ -84,7 +84,7 @@ def build_random_pipeline(args: argparse.Namespace, policy: str = "resident"):
     torch.manual_seed(0)
     cfg = load_config(args.config)
     stages = StageSchedule(list(cfg.stages))
-    first = instantiate(cfg.unet).eval()  # random init once; the other experts are copies
+    first = instantiate(cfg.unet).eval()  # random init once; the other stage experts are copies
     unets = [first] + [copy.deepcopy(first) for _ in range(stages.num_stages - 1)]
     pipe = MoESRPipeline(
         unets,
@@ -292,7 +292,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         total = r["expert_bytes_resident_max"] + r["vae_bytes"]
         lines.append(
-            f"| {r['policy']}: experts {_gb(r['expert_bytes_resident_max'])} + FA-VAE "
+            f"| {r['policy']}: stage experts {_gb(r['expert_bytes_resident_max'])} + FA-VAE "
             f"{_gb(r['vae_bytes'])} ({r['dtype']}/{r['vae_dtype']}) | {_gb(total)} | "
             f"{100 * total / RELEASE_BYTES:.0f} % |"
         )
@@ -302,7 +302,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=4, help="DDIM steps (4 touches every expert)")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps (4 touches every stage expert)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--vae-fp32", action="store_true", help="keep the FA-VAE in float32")
     p.add_argument("--lr-size", type=int, default=64, help="LR side (output is 8x)")
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="moe_sr/sr8x", help="pipeline preset (random weights)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp-2m", "unipc"])
     p.add_argument("--spacing", help="the sampler's timestep spacing (default: its own)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the expert UNets")
+    p.add_argument("--compile", action="store_true", help="torch.compile the stage expert UNets")
     p.add_argument("--throughput", action="store_true", help="images/s per batch size")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
     p.add_argument("--images", type=int, default=8, help="images per throughput round")

@@ -1,12 +1,12 @@
-"""Benchmark: the full-size 8x SR expert UNet and its FFN-MoE layer.
+"""Benchmark: the full-size 8x SR stage expert UNet and its FFN-MoE layer.
 
 1. One forward of ``configs/unet/sr8x_expert.yaml`` (random weights, batch ``--batch``,
    ``--size`` x ``--size`` latent) per FFN-MoE routing mode: ``random`` (released behaviour; the
-   experts are packed, as every built UNet is: the expert stack is a view) and ``average``.
+   FFN experts are packed, as every built UNet is: the FFN expert stack is a view) and ``average``.
    Median time and peak memory.
-2. One FFN-MoE layer alone (640 channels, 16 experts, ``(size/8)^2`` tokens = the released
-   experts' attention resolution): ours (batched experts) vs the released algorithm
-   (``LoopFFNMoE`` below: ``FeedForwardMoe.forward`` line by line, one call per expert), same
+2. One FFN-MoE layer alone (640 channels, 16 FFN experts, ``(size/8)^2`` tokens = the released
+   FFN experts' attention resolution): ours (batched FFN experts) vs the released algorithm
+   (``LoopFFNMoE`` below: ``FeedForwardMoe.forward`` line by line, one call per FFN expert), same
    weights and permutation (outputs compared), measured **interleaved in one process**
    (alternating order, each run timed alone) so that both see the same machine state.
 
@@ -35,7 +35,7 @@ from ldm.unet import FFNMoE, chunk_sizes
 
 
 class LoopFFNMoE(nn.Module):
-    """Reference: the released ``FeedForwardMoe`` algorithm, one Python call per expert."""
+    """Reference: the released ``FeedForwardMoe`` algorithm, one Python call per FFN expert."""
 
     def __init__(self, ours: FFNMoE) -> None:
         super().__init__()
@@ -89,7 +89,10 @@ def bench_unet(args, device: torch.device, dtype: torch.dtype) -> list[tuple[str
     x = torch.randn(args.batch, 6, args.size, args.size, device=device, dtype=dtype)
     t = torch.full((args.batch,), 500, device=device, dtype=torch.long)
     rows = []
-    for name, mode in (("random (packed experts, the default)", "random"), ("average", "average")):
+    for name, mode in (
+        ("random (packed FFN experts, the default)", "random"),
+        ("average", "average"),
+    ):
         model.set_ffn_moe_routing(mode, generator=torch.Generator().manual_seed(0))
 
         def run():
@@ -145,7 +148,7 @@ def bench_ffn_moe(args, device: torch.device, dtype: torch.dtype):
 
     fns = {
         "FFN-MoE layer, per-expert loop (released algorithm)": inference(lambda: loop(x, perm_dev)),
-        "FFN-MoE layer, ours batched (packed experts: the stack is a view)": inference(
+        "FFN-MoE layer, ours batched (packed FFN experts: the stack is a view)": inference(
             lambda: layer(x)
         ),
         "FFN-MoE layer, average (one FFN)": inference(lambda: avg(x)),
@@ -153,7 +156,7 @@ def bench_ffn_moe(args, device: torch.device, dtype: torch.dtype):
     medians = interleaved(fns, device, args.warmup, max(args.repeats, 5))
     names = list(fns)
     rows = [(n, ms, _peak_mib(device)) for n, ms in medians.items()]
-    ratios = {"batched (packed experts)": medians[names[0]] / medians[names[1]]}
+    ratios = {"batched (packed FFN experts)": medians[names[0]] / medians[names[1]]}
     return rows, ratios, err, side * side
 
 

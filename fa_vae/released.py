@@ -53,14 +53,12 @@ def identify(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "not an autoencoder state dict"
 
 
+# priority 1: more specific than the plain autoencoders (an FA-VAE holds one)
+@PRESET_GUESSERS.register("fa_vae", priority=1)
 def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """A :data:`ldm.checkpoint.PRESET_GUESSERS` entry for the FA-VAE presets."""
+    """The :data:`ldm.checkpoint.PRESET_GUESSERS` entry for the FA-VAE presets."""
     kind = identify(state_dict)
     return RELEASED[kind][0] if kind in RELEASED else None
-
-
-if guess_preset not in PRESET_GUESSERS:
-    PRESET_GUESSERS.insert(0, guess_preset)  # more specific than the plain autoencoders
 
 
 def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import logging
 import os
 import typing
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ldm.atomic import atomic_write
+from ldm.registry import Registry
 from ldm.safe_text import printable
 
 logger = logging.getLogger(__name__)
@@ -294,12 +295,16 @@ def mismatch_message(
     return "\n".join(lines)
 
 
-#: Callables ``state_dict -> preset name or None`` used to name the likely preset.
-PRESET_GUESSERS: list[Callable[[Mapping[str, torch.Tensor]], str | None]] = []
+#: Callables ``state_dict -> preset name or None`` that name the likely preset in strict-loading
+#: errors, registered with ``@PRESET_GUESSERS.register(name, priority=...)`` (higher priority is
+#: tried first: the more specific guessers). The registering modules are found like config
+#: targets (entry point ``moe_sr.registry``), so the table does not depend on import order.
+PRESET_GUESSERS = Registry("preset guesser")
 
 
 def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    for guess in PRESET_GUESSERS:
+    """The first preset name a registered guesser gives for ``state_dict`` (``None``: none)."""
+    for guess in PRESET_GUESSERS.values():
         name = guess(state_dict)
         if name:
             return name
@@ -375,7 +380,7 @@ def save_pretrained(
 ) -> Path:
     """Save ``model``'s weights as safetensors with its ``{target, params}`` config.
 
-    ``metadata`` adds JSON-serialisable entries (e.g. an expert's stage). The
+    ``metadata`` adds JSON-serialisable entries (e.g. a stage expert's stage). The
     file is written to a temporary name and renamed, so a crash never leaves a
     half-written file under the final name.
     """

@@ -42,13 +42,18 @@ class Registry:
         self.kind = kind
         self._table: dict[str, Any] = {}
         self._kinds: dict[str, str] = {}
+        self._priority: dict[str, int] = {}
         self._plugins_loaded = False
 
-    def register(self, name: str | None = None, *, kind: str | None = None) -> Callable[[T], T]:
+    def register(
+        self, name: str | None = None, *, kind: str | None = None, priority: int = 0
+    ) -> Callable[[T], T]:
         """Decorator: ``@register("vq_f4")`` over a class or factory function.
 
         ``kind`` tags networks that weight files may rebuild (``"autoencoder"``, ``"unet"``):
         a loader names the kinds it expects and refuses a file whose config holds another.
+        ``priority`` orders :meth:`values` where the order matters (higher first), e.g. a more
+        specific preset guesser before a general one.
         """
 
         def decorator(obj: T) -> T:
@@ -66,6 +71,7 @@ class Registry:
             self._table[key] = obj
             if kind is not None:
                 self._kinds[key] = kind
+            self._priority[key] = priority
             return obj
 
         return decorator
@@ -81,6 +87,12 @@ class Registry:
     def names(self) -> list[str]:
         self.load_plugins()
         return sorted(self._table)
+
+    def values(self) -> list[Any]:
+        """The registered objects, highest ``priority`` first, then in registration order."""
+        self.load_plugins()
+        names = sorted(self._table, key=lambda n: -self._priority.get(n, 0))  # stable sort
+        return [self._table[n] for n in names]
 
     def kind_of(self, name: str) -> str | None:
         """The ``kind`` a registered name was tagged with (``None`` when untagged or unknown)."""

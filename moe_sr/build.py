@@ -1,15 +1,16 @@
 """Assemble a :class:`~moe_sr.pipeline.MoESRPipeline` from a config and weight files.
 
-The config (``configs/moe_sr/sr8x.yaml``) names the expert UNet preset, the FA-VAE preset, the
+The config (``configs/moe_sr/sr8x.yaml``) names the stage expert UNet preset, the FA-VAE preset, the
 noise schedule, the stage boundaries and the sampler defaults. Weights come from
 
 * the release: four ``Unet/moe_stage{k}.ckpt`` (EMA weights by default) and
   ``first_stage_models/vq-f4/fa_vae.pth``;
-* or our safetensors: one file per expert (stage, t-range and UNet config in the metadata) and
+* or our safetensors: one file per stage expert (stage, t-range and UNet config in the metadata) and
   one for the FA-VAE, e.g. a folder written by :func:`export_pipeline`
   (:func:`build_pipeline_from_folder`).
 
-Experts are loaded one at a time (peak memory: the experts so far plus one file's tensors).
+Stage experts are loaded one at a time (peak memory: the stage experts so far plus one file's
+tensors).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from ldm.config import (
     validate_untrusted,
 )
 from ldm.diffusion.samplers import check_sampler_options
-from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
+from ldm.diffusion.schedule import NoiseSchedule, build_schedule
 from moe_sr.checkpoints import (
     OnMismatch,
     Weights,
@@ -144,14 +145,6 @@ def check_pipeline_config(cfg: Mapping[str, Any]) -> None:
     build_schedule(cfg["schedule"])
 
 
-def build_schedule(spec: Mapping[str, Any]) -> NoiseSchedule:
-    """``{kind: linear|cosine, num_timesteps, ...}`` -> :class:`NoiseSchedule`."""
-    try:
-        return schedule_from_spec(to_plain(spec))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 def load_vae(cfg: Mapping[str, Any], path: str | os.PathLike) -> nn.Module:
     """The FA-VAE of ``cfg`` with weights from a released ``fa_vae.pth`` or our safetensors.
 
@@ -219,7 +212,7 @@ def load_experts(
         )
         check_expert_interval(info, k, stages.interval(k))
         unets.append(unet.eval())
-        logger.info("expert %d (timesteps %s) <- %s", k, stages.interval(k), path)
+        logger.info("stage expert %d (timesteps %s) <- %s", k, stages.interval(k), path)
     return unets
 
 
@@ -247,7 +240,7 @@ def matching_pipeline_presets(
 
 
 def check_experts_fit_stages(paths: Sequence[str | os.PathLike], stages: StageSchedule) -> None:
-    """Refuse experts of our format whose metadata asks for another number of stages than the
+    """Refuse stage experts of our format whose metadata asks for another number of stages than the
     config's, naming the stages (and the bundled preset) their metadata asks for."""
     metas = [read_expert_metadata(p) for p in paths if Path(p).suffix == ".safetensors"]
     metas = [m for m in metas if "t_range" in m and "num_stages" in m]
@@ -255,7 +248,7 @@ def check_experts_fit_stages(paths: Sequence[str | os.PathLike], stages: StageSc
         return
     wanted = metas[0]["num_stages"]
     if wanted == stages.num_stages:
-        return  # the interval of each expert is checked as it loads
+        return  # the interval of each stage expert is checked as it loads
     bounds = sorted({b for m in metas for b in m["t_range"]})
     known = f" {bounds}" if len(bounds) == wanted + 1 else ""
     presets = matching_pipeline_presets(bounds, metas[0].get("config")) if known else []
@@ -309,7 +302,8 @@ def build_pipeline(
     schedule_check: OnMismatch = "error",
     **pipeline_kwargs: Any,
 ) -> MoESRPipeline:
-    """Config + expert checkpoints (released ``.ckpt`` or our ``.safetensors``) + FA-VAE weights.
+    """Config + stage expert checkpoints (released ``.ckpt`` or our ``.safetensors``) + FA-VAE
+    weights.
 
     ``pipeline_kwargs`` go to :class:`MoESRPipeline` (``device``, ``dtype``, ``vae_dtype``,
     ``offload``, ``sampler``, ``spacing``, ``steps``, ``eta``, ``seed``, ``color_fix``,
@@ -329,7 +323,7 @@ def build_pipeline(
 
 
 def find_folder_files(folder: str | os.PathLike) -> tuple[list[Path], Path]:
-    """Expert files (with stage metadata) and the one FA-VAE file in a folder of ours."""
+    """Stage expert files (with stage metadata) and the one FA-VAE file in a folder of ours."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
@@ -338,7 +332,7 @@ def find_folder_files(folder: str | os.PathLike) -> tuple[list[Path], Path]:
         (experts if "stage" in read_expert_metadata(p) else others).append(p)
     if not experts:
         raise FileNotFoundError(
-            f"{folder} holds no expert .safetensors with stage metadata (write them with "
+            f"{folder} holds no stage expert .safetensors with stage metadata (write them with "
             "moe_sr.build.export_pipeline or moe_sr.checkpoints.save_expert)"
         )
     # the autoencoder: the one other file of ours (an FA-VAE preferred over a plain VQ model)
@@ -347,7 +341,7 @@ def find_folder_files(folder: str | os.PathLike) -> tuple[list[Path], Path]:
     if len(vaes) != 1:
         raise FileNotFoundError(
             f"{folder} must hold exactly one autoencoder .safetensors (the FA-VAE) next to the "
-            f"experts, found {[p.name for p in vaes]}"
+            f"stage experts, found {[p.name for p in vaes]}"
         )
     return experts, vaes[0]
 
@@ -357,7 +351,7 @@ def build_pipeline_from_folder(
     config: str | os.PathLike | Mapping[str, Any] = DEFAULT_CONFIG,
     **kwargs: Any,
 ) -> MoESRPipeline:
-    """A pipeline from a folder of our safetensors (experts ordered by their metadata)."""
+    """A pipeline from a folder of our safetensors (stage experts ordered by their metadata)."""
     experts, vae = find_folder_files(folder)
     return build_pipeline(config, experts, vae, **kwargs)
 

@@ -17,9 +17,9 @@ file with ``torch.load(mmap=True, weights_only=True)`` and copy only the UNet te
 the model, releasing each tensor's file pages after the copy. Peak memory is therefore about one
 UNet (1.7 GB), not the file (3.65 GB), and the unused groups are never read.
 
-Our own format (:func:`save_expert`): one safetensors file per expert with the EMA weights only,
-the resolved UNet config, the stage index, the number of stages and the timestep interval in the
-metadata, so a wrong order fails loudly (:func:`resolve_expert_order`).
+Our own format (:func:`save_expert`): one safetensors file per stage expert with the EMA weights
+only, the resolved UNet config, the stage index, the number of stages and the timestep interval in
+the metadata, so a wrong order fails loudly (:func:`resolve_expert_order`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ EMA_MODULE_NAME = "diffusion_model"
 #: EMA bookkeeping tensors that are not weights.
 EMA_EXTRA_KEYS = ("model_ema.decay", "model_ema.num_updates")
 
-#: Metadata keys of our expert safetensors files.
+#: Metadata keys of our stage expert safetensors files.
 STAGE_KEY = "moe_sr.stage"
 NUM_STAGES_KEY = "moe_sr.num_stages"
 T_RANGE_KEY = "moe_sr.t_range"
@@ -77,7 +77,7 @@ _STAGE_IN_NAME = re.compile(r"stage[_-]?(\d+)", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ExpertInfo:
-    """What a loaded expert file says about itself."""
+    """What a loaded stage expert file says about itself."""
 
     path: Path
     #: ``"released-ema"``, ``"released-raw"`` or ``"safetensors"``.
@@ -165,7 +165,7 @@ _MADV_DONTNEED = 4
 
 def _open_mmap(path: Path) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"expert checkpoint {path} does not exist")
+        raise CheckpointError(f"stage expert checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is not a PyTorch zip checkpoint (truncated download or another format?); "
@@ -207,7 +207,7 @@ def check_schedule_buffers(
     if bad and on_mismatch != "ignore":
         msg = (
             f"{what}: its noise schedule differs from the pipeline's schedule in {', '.join(bad)}. "
-            "The expert was trained with another schedule (check linear_start / linear_end / "
+            "The stage expert was trained with another schedule (check linear_start / linear_end / "
             "num_timesteps in the config)."
         )
         if on_mismatch == "error":
@@ -252,8 +252,8 @@ def load_released_stage(
             f" It holds {other} instead."
             if other
             else f" It holds {describe_state_dict(file_sd)}, expected an SS-MoE stage expert "
-            "(a released moe_stage{k}.ckpt or our expert .safetensors): check which file goes "
-            "to which option."
+            "(a released moe_stage{k}.ckpt or our stage expert .safetensors): check which file "
+            "goes to which option."
         )
         raise CheckpointMismatchError(
             f"{path} has no {weights} UNet weights "
@@ -301,7 +301,8 @@ def load_released_stage(
 
 
 def read_expert_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Stage, number of stages, t-range and config stored in one of our expert files ({} if none)."""
+    """Stage, number of stages, t-range and config stored in one of our stage expert files ({} if
+    none)."""
     meta = read_safetensors_metadata(path)
     out: dict[str, Any] = {}
     try:
@@ -313,7 +314,7 @@ def read_expert_metadata(path: str | os.PathLike) -> dict[str, Any]:
             lo, hi = parse_json_metadata(path, meta, T_RANGE_KEY)
             out["t_range"] = (_plain_int(lo), _plain_int(hi))
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: malformed expert metadata ({err})") from None
+        raise CheckpointError(f"{path}: malformed stage expert metadata ({err})") from None
     if CONFIG_KEY in meta:
         out["config"] = parse_json_metadata(path, meta, CONFIG_KEY)
     return out
@@ -326,12 +327,12 @@ def _plain_int(value: Any) -> int:
 
 
 def load_expert_safetensors(path: str | os.PathLike, unet: nn.Module) -> ExpertInfo:
-    """Load one of our expert files into ``unet`` (strict), one tensor at a time."""
+    """Load one of our stage expert files into ``unet`` (strict), one tensor at a time."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"expert file {path} does not exist")
+        raise CheckpointError(f"stage expert file {path} does not exist")
     model_sd = unet.state_dict()
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -371,11 +372,12 @@ def load_expert(
     schedule: Any = None,
     schedule_check: OnMismatch = "error",
 ) -> ExpertInfo:
-    """Load a released ``.ckpt``/``.pth`` or one of our ``.safetensors`` experts into ``unet``."""
+    """Load a released ``.ckpt``/``.pth`` or one of our ``.safetensors`` stage experts into
+    ``unet``."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if weights != "ema":
-            raise ValueError(f"{path}: our safetensors experts hold EMA weights only")
+            raise ValueError(f"{path}: our safetensors stage experts hold EMA weights only")
         return load_expert_safetensors(path, unet)
     return load_released_stage(
         path, unet, weights=weights, schedule=schedule, schedule_check=schedule_check
@@ -392,10 +394,10 @@ def save_expert(
     t_range: tuple[int, int],
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``unet`` (its EMA weights, already copied in) as one of our expert files.
+    """Write ``unet`` (its EMA weights, already copied in) as one of our stage expert files.
 
     ``config`` is the UNet's ``{target, params}``; ``t_range`` the half-open timestep interval
-    ``[lo, hi)`` that the expert serves.
+    ``[lo, hi)`` that the stage expert serves.
     """
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} is outside 0..{num_stages - 1}")
@@ -420,11 +422,11 @@ def _metadata_stage(path: Path) -> int | None:
 
 
 def resolve_expert_order(paths: Sequence[str | os.PathLike], num_stages: int) -> list[Path]:
-    """Put expert files in stage order (index k serves stage k).
+    """Put stage expert files in stage order (index k serves stage k).
 
     Files whose metadata names a stage go to that stage; the others fill the remaining stages in
     the order given. A file name with a stage number (``moe_stage2.ckpt``) must agree with the
-    position the file ends up in; anything else is an error (a swapped pair of experts would
+    position the file ends up in; anything else is an error (a swapped pair of stage experts would
     otherwise produce plausible-looking but wrong images).
     """
     paths = [Path(p) for p in paths]
@@ -456,7 +458,7 @@ def resolve_expert_order(paths: Sequence[str | os.PathLike], num_stages: int) ->
             problems.append(f"{p.name} is at stage position {k} but its name says stage {named}")
     if problems:
         raise ValueError(
-            "expert order mismatch: "
+            "stage expert order mismatch: "
             + "; ".join(problems)
             + ". List the checkpoints in stage order (moe_stage0 ... moe_stage"
             + f"{num_stages - 1}), or rename the files."
@@ -472,5 +474,5 @@ def check_expert_interval(info: ExpertInfo, stage: int, interval: tuple[int, int
         raise ValueError(
             f"{info.path}: trained for timesteps {list(info.t_range)} but the stage schedule "
             f"gives stage {stage} the interval {list(interval)}; use the stage boundaries the "
-            "experts were trained with"
+            "stage experts were trained with"
         )

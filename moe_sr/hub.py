@@ -42,7 +42,7 @@ RELEASED_FILES: dict[str, ReleasedFile] = {
             f"Unet/moe_stage{k}.ckpt",
             _STAGE_SIZE,
             "3.65 GB",
-            f"SS-MoE expert {k} (timesteps {250 * k}..{250 * (k + 1) - 1})",
+            f"SS-MoE stage expert {k} (timesteps {250 * k}..{250 * (k + 1) - 1})",
         )
         for k in range(4)
     },

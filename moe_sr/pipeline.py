@@ -21,8 +21,8 @@ in any batch. Images that need tiling run one at a time (their tiles already for
 the UNet calls). :func:`moe_sr.batching.batches` groups a list of images by padded size.
 
 Departures from the release (see ``shared/DESIGN.md`` section 5): the FA-VAE runs in eval mode;
-padding makes any size work; FFN-MoE routing can be ``average`` (deterministic); experts can be
-offloaded one at a time; half precision is an explicit choice instead of autocast.
+padding makes any size work; FFN-MoE routing can be ``average`` (deterministic); stage experts can
+be offloaded one at a time; half precision is an explicit choice instead of autocast.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import nn
 
 from ldm.data.sr_inputs import condition_x2, lr_to_uint8_hwc
 from ldm.device import resolve_device
+from ldm.diffusion.denoiser import ConcatDenoiser, StepCallback
 from ldm.diffusion.samplers import check_sampler_options, run_sampler
 from ldm.diffusion.schedule import NoiseSchedule
 from moe_sr.color_fix import COLOR_FIX_MODES
@@ -55,7 +56,6 @@ SCALE = 8  # output / input size
 LATENT_PER_LR = 2  # latent / LR size (vq-f4 latent of an 8x output)
 ROUTING_MODES = ("random", "average")
 
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 #: ``decode_callback(done, total)`` after each FA-VAE tile (once for an untiled decode)
 DecodeCallback = Callable[[int, int], None]
 
@@ -69,17 +69,6 @@ class SRResult:
     image: torch.Tensor
     latent: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class _ExpertDenoiser:
-    """``eps = unet(cat([x_t, cond]), t)`` in the UNet's dtype, returned in the sampler's dtype."""
-
-    def __init__(self, unet: nn.Module, dtype: torch.dtype) -> None:
-        self.unet, self.dtype = unet, dtype
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([x_t, cond], dim=1).to(self.dtype)
-        return self.unet(x, t).to(x_t.dtype)
 
 
 def _vae_channels(vae: nn.Module) -> int:
@@ -109,11 +98,11 @@ def _pad_hwc(img: np.ndarray, multiple: int, minimum: int = 1) -> np.ndarray:
 
 
 class MoESRPipeline:
-    """8x SR with a sampling-space mixture of expert UNets and the FA-VAE (see module doc).
+    """8x SR with a sampling-space mixture of stage expert UNets and the FA-VAE (see module doc).
 
     Args:
-        unets: one expert UNet per stage, in stage order (``UNetModel`` instances).
-        stages: the stage boundaries the experts were trained with.
+        unets: one stage expert UNet per stage, in stage order (``UNetModel`` instances).
+        stages: the stage boundaries the stage experts were trained with.
         schedule: the diffusion noise schedule (release: linear 0.0015..0.0155, T=1000).
         vae: the FA-VAE (``fa_vae_vq_f4``): ``encode(x, return_features=True)``,
             ``decode(z, skips=..., quantize=True)``.
@@ -121,7 +110,7 @@ class MoESRPipeline:
         dtype: UNet precision (``torch.float16``/``bfloat16`` on GPU; bfloat16 also works on CPU).
         vae_dtype: FA-VAE precision (default: ``dtype``; pass ``torch.float32`` to keep the VAE
             in full precision under a half-precision UNet).
-        offload: keep only the active expert on ``device`` (the others on the CPU).
+        offload: keep only the active stage expert on ``device`` (the others on the CPU).
         prefetch: with ``offload``, copy the next stage's expert ahead on a side stream
             (default: on for CUDA; see :class:`~moe_sr.residency.ExpertResidency`).
         ffn_moe_routing: ``"random"`` (released; seeded per image) or ``"average"``.
@@ -129,13 +118,13 @@ class MoESRPipeline:
             (:mod:`ldm.diffusion.samplers`); ``spacing``: its timestep grid (default: DDIM's
             LDM grid, the solvers' ``logsnr``).
         restart_at_stages: the multistep solvers start their history afresh at every stage
-            boundary (no update mixes two experts' predictions); default off.
+            boundary (no update mixes two stage experts' predictions); default off.
         steps, eta, seed, color_fix: sampler and post-processing defaults (released values;
             ``eta`` is DDIM's only).
         tiling: a :class:`~moe_sr.tiling.TilingConfig` (default: automatic above 128 latent px).
         check_memory: refuse an input whose estimated memory exceeds the device's free memory.
 
-    The experts are cast to ``dtype`` and their FFN-MoE expert weights packed
+    The stage experts are cast to ``dtype`` and their FFN-MoE expert weights packed
     (``pack_ffn_moe_experts``: the batched layer uses them without a copy) in place; then an
     :class:`~moe_sr.residency.ExpertResidency` owns their storage.
     """
@@ -164,7 +153,7 @@ class MoESRPipeline:
         check_memory: bool = True,
     ) -> None:
         if len(unets) != stages.num_stages:
-            raise ValueError(f"{len(unets)} expert UNets for {stages.num_stages} stages")
+            raise ValueError(f"{len(unets)} stage expert UNets for {stages.num_stages} stages")
         if stages.num_timesteps != schedule.num_timesteps:
             raise ValueError(
                 f"stage boundaries end at T={stages.num_timesteps} but the noise schedule has "
@@ -175,8 +164,8 @@ class MoESRPipeline:
             logger.warning("float16 on the CPU is slow and not always supported; use bfloat16")
         if offload and self.device.type == "cpu":
             logger.warning(
-                "offload on the CPU saves no memory (the experts' home is the same RAM) and costs "
-                "one copy per stage change; leave it off unless you test the offload path"
+                "offload on the CPU saves no memory (the stage experts' home is the same RAM) and "
+                "costs one copy per stage change; leave it off unless you test the offload path"
             )
         self.dtype = dtype
         self.vae_dtype = vae_dtype or dtype
@@ -191,7 +180,7 @@ class MoESRPipeline:
         self.unets = self.residency.unets
         self.vae = vae.to(device=self.device, dtype=self.vae_dtype).eval().requires_grad_(False)
         self.router = TimestepRouter(
-            [_ExpertDenoiser(u, dtype) for u in self.unets],
+            [ConcatDenoiser(u, dtype) for u in self.unets],
             stages,
             on_switch=self.residency.on_switch,
         )
@@ -504,7 +493,7 @@ class MoESRPipeline:
         )  # fmt: skip
 
     def resident_weight_bytes(self) -> dict[str, int]:
-        """Bytes of weights on the compute device: experts and VAE."""
+        """Bytes of weights on the compute device: stage experts and VAE."""
         vae = sum(p.numel() * p.element_size() for p in self.vae.parameters())
         vae += sum(b.numel() * b.element_size() for b in self.vae.buffers())
         return {"experts": self.residency.resident_bytes(), "vae": vae}

@@ -1,18 +1,18 @@
-"""Where the expert UNets' weights live while sampling: all on the device, or one at a time.
+"""Where the stage expert UNets' weights live while sampling: all on the device, or one at a time.
 
-Every expert's tensors (parameters and buffers) are held in ONE flat byte buffer laid out like
+Every stage expert's tensors (parameters and buffers) are held in ONE flat byte buffer laid out like
 their storages (:class:`FlatLayout`): tensors that share a storage keep sharing it (the packed
 FFN-MoE expert stacks stay packed), and every storage starts at a 256-byte boundary (separate
 CUDA allocations start at 512, so kernels see the alignment they would see anyway). So:
 
-* all resident: one device buffer per expert, filled once;
-* ``offload=True``: each expert keeps a "home" buffer on ``offload_device`` (pinned when the
-  device is a GPU) and the device holds one or two fixed *slots* of the largest expert's size,
+* all resident: one device buffer per stage expert, filled once;
+* ``offload=True``: each stage expert keeps a "home" buffer on ``offload_device`` (pinned when the
+  device is a GPU) and the device holds one or two fixed *slots* of the largest stage expert's size,
   allocated once. A switch is ONE copy of one buffer into a slot and a re-pointing of the
   parameters at views of it; nothing is allocated or freed per switch, so the caching allocator
   never sees the weights move, and nothing is copied back (inference never changes weights).
 
-With ``prefetch`` (default: on for CUDA) the expert of the next stage (DDIM runs from the last
+With ``prefetch`` (default: on for CUDA) the stage expert of the next stage (DDIM runs from the last
 stage down to stage 0) is copied into the second slot on a side stream while the current one
 computes; the compute stream waits for that copy (an event) only when it switches.
 """
@@ -99,18 +99,18 @@ def _flat_copy(layout: FlatLayout, device: torch.device, pin: bool = False) -> t
 
 
 class ExpertResidency:
-    """Keeps the experts on ``device`` (default), or with ``offload=True`` only the active one
+    """Keeps the stage experts on ``device`` (default), or with ``offload=True`` only the active one
     (plus, with ``prefetch``, the next one) in device slots and the others at home.
 
     :meth:`on_switch` is the router's hook (``on_switch(prev_stage, new_stage)``). 3 switches per
     image for four stages, plus one when the next image starts again at the last stage. The
-    residency owns the experts' storage: moving or casting an expert afterwards (``.to()``)
-    is undone at its next switch.
+    residency owns the stage experts' storage: moving or casting a stage expert afterwards
+    (``.to()``) is undone at its next switch.
 
     Args:
-        unets: the experts, in stage order; cast to ``dtype`` (in place) first.
+        unets: the stage experts, in stage order; cast to ``dtype`` (in place) first.
         device: the compute device.
-        offload: keep only the active expert on the device.
+        offload: keep only the active stage expert on the device.
         offload_device: where the others live (``"cpu"``).
         prefetch: copy the next stage's expert ahead on a side stream (default: on for CUDA).
     """
@@ -140,10 +140,11 @@ class ExpertResidency:
             u.to(dtype=dtype).eval().requires_grad_(False)  # no-op (keeps storages) if already
             layouts.append(FlatLayout(module_tensors(u)))
         self._layouts = layouts
-        #: device buffers that hold expert weights (resident: one per expert; offload: slots)
+        #: device buffers that hold stage expert weights (resident: one per stage expert; offload:
+        #: slots)
         self._buffers: list[torch.Tensor] = []
-        self._home_flat: list[torch.Tensor] = []  # offload: one home buffer per expert
-        self._home: list[list[torch.Tensor]] = []  # ... and the expert's tensors as its views
+        self._home_flat: list[torch.Tensor] = []  # offload: one home buffer per stage expert
+        self._home: list[list[torch.Tensor]] = []  # ... and the stage expert's tensors as its views
         if not offload:
             for u, layout in zip(self.unets, layouts):
                 flat = _flat_copy(layout, device)
@@ -163,7 +164,7 @@ class ExpertResidency:
         self._ready: list[Any] = [None] * num_slots  # CUDA event of a side-stream copy
         self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._stream = torch.cuda.Stream(device) if self.prefetch and cuda else None
-        #: the most expert weight bytes that were on the device at once
+        #: the most stage expert weight bytes that were on the device at once
         self.peak_resident_bytes = self.resident_bytes()
 
     # ------------------------------------------------------------------ queries
@@ -172,11 +173,11 @@ class ExpertResidency:
         return k - 1 if k > 0 else len(self.unets) - 1
 
     def staged(self) -> list[int]:
-        """Experts copied ahead into a slot (prefetched), not active yet."""
+        """Stage experts copied ahead into a slot (prefetched), not active yet."""
         return sorted(k for k in self._owner if k is not None and k != self.active)
 
     def resident_bytes(self) -> int:
-        """Bytes of device buffers holding expert weights (resident buffers or slots)."""
+        """Bytes of device buffers holding stage expert weights (resident buffers or slots)."""
         buffers = self._buffers + [s for s in self._slots if s is not None]
         return sum(b.numel() for b in buffers)
 
@@ -209,7 +210,7 @@ class ExpertResidency:
         self.switch_seconds += time.perf_counter() - start
 
     def _free_slot(self) -> int:
-        """A slot not holding the active expert (the only slot when there is one)."""
+        """A slot not holding the active stage expert (the only slot when there is one)."""
         for s, owner in enumerate(self._owner):
             if owner is None or owner != self.active:
                 return s

@@ -1,14 +1,14 @@
 """The timestep router of the sampling-space mixture of experts (SS-MoE).
 
 :class:`TimestepRouter` is itself a denoiser (``router(x_t, t, cond) -> eps``): each call goes to
-the expert whose stage owns ``t``. Any sampler of ``ldm.diffusion`` therefore drives four experts
-exactly as it drives one UNet. Unlike the release (``ddim_moe.py:p_sample_ddim`` routes the whole
-batch by ``t[0]``), a batch that mixes stages is split per sample: each expert involved is called
-once on its sub-batch and the results are scattered back in order.
+the stage expert whose stage owns ``t``. Any sampler of ``ldm.diffusion`` therefore drives four
+stage experts exactly as it drives one UNet. Unlike the release (``ddim_moe.py:p_sample_ddim``
+routes the whole batch by ``t[0]``), a batch that mixes stages is split per sample: each stage
+expert involved is called once on its sub-batch and the results are scattered back in order.
 
-Where the experts live is not the router's business: the optional ``on_switch(prev, new)`` hook
-is called before an expert of a different stage than the previous call's is used, so a pipeline
-can move weights (e.g. keep only the active expert on the GPU).
+Where the stage experts live is not the router's business: the optional ``on_switch(prev, new)``
+hook is called before a stage expert of a different stage than the previous call's is used, so a
+pipeline can move weights (e.g. keep only the active stage expert on the GPU).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
+from ldm.diffusion.denoiser import Denoiser
 from moe_sr.stages import StageSchedule
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TimestepRouter"]
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 #: ``on_switch(prev_stage, new_stage)``; ``prev_stage`` is ``None`` on the first call.
 SwitchHook = Callable[[int | None, int], None]
 
@@ -34,8 +34,8 @@ class TimestepRouter:
     """Route ``denoiser(x_t, t, cond)`` calls to ``experts[stages.stage_of(t)]``.
 
     Args:
-        experts: one denoiser per stage, in stage order (expert ``k`` serves stage ``k``).
-        stages: the :class:`StageSchedule` used to train the experts.
+        experts: one denoiser per stage, in stage order (stage expert ``k`` serves stage ``k``).
+        stages: the :class:`StageSchedule` used to train the stage experts.
         on_switch: optional ``on_switch(prev_stage, new_stage)`` hook (see the module docstring).
     """
 
@@ -56,7 +56,7 @@ class TimestepRouter:
             )
         for k, e in enumerate(experts):
             if not callable(e):
-                raise TypeError(f"expert {k} is not callable (got {type(e).__name__})")
+                raise TypeError(f"stage expert {k} is not callable (got {type(e).__name__})")
         self.experts = experts
         self.stages = stages
         self.on_switch = on_switch
@@ -70,7 +70,8 @@ class TimestepRouter:
         self.current_stage = None
 
     def expert_for(self, t: int | torch.Tensor) -> Denoiser:
-        """The expert serving timestep ``t`` (an int, or a tensor whose entries share a stage)."""
+        """The stage expert serving timestep ``t`` (an int, or a tensor whose entries share a
+        stage)."""
         stage = self.stages.stage_of(t)
         if isinstance(stage, torch.Tensor):
             unique = torch.unique(stage).tolist()
@@ -99,8 +100,8 @@ class TimestepRouter:
             raise ValueError(
                 f"t must have shape [{batch}] (one timestep per sample), got {tuple(t.shape)}"
             )
-        # The expert is chosen on the host. The samplers pass t as a CPU tensor (they know their
-        # timesteps there), so this needs no device-to-host copy; a t on the device costs one
+        # The stage expert is chosen on the host. The samplers pass t as a CPU tensor (they know
+        # their timesteps there), so this needs no device-to-host copy; a t on the device costs one
         # sync here (as the release's ``t[0].item()``).
         t_host = t if t.device.type == "cpu" else t.cpu()
         stage = self.stages.stage_of(t_host)
@@ -108,7 +109,7 @@ class TimestepRouter:
         if len(unique) == 1:
             return self._use(unique[0])(x_t, t, cond)
 
-        # mixed batch: the current expert first (no switch), then the others in stage order
+        # mixed batch: the current stage expert first (no switch), then the others in stage order
         if self.current_stage in unique:
             unique.remove(self.current_stage)
             unique.insert(0, self.current_stage)

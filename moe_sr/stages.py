@@ -1,7 +1,7 @@
-"""Sampling-space stages: which expert owns which timesteps (paper Sec. 3.2, SS-MoE).
+"""Sampling-space stages: which stage expert owns which timesteps (paper Sec. 3.2, SS-MoE).
 
 The timestep axis ``[0, T)`` is cut into consecutive intervals ``[b_k, b_{k+1})``; stage ``k``
-(expert ``k``) is trained only on timesteps of its interval and serves them at inference. The
+(stage expert ``k``) is trained only on timesteps of its interval and serves them at inference. The
 release uses four equal stages of ``T = 1000``: ``[0, 250, 500, 750, 1000]``, routed there with
 ``int(t // (T / 4))``. One :class:`StageSchedule` object is used by training and by inference,
 so the boundary table exists once.
@@ -161,7 +161,7 @@ def _as_int(v: object, message: str) -> int:
 class StageTimestepSampler:
     """Training timestep sampler of one stage: ``sampler(n, *, device=None, generator=None)``.
 
-    Uniform over the interval of stage ``stage`` (the released per-stage training: each expert
+    Uniform over the interval of stage ``stage`` (the released per-stage training: each stage expert
     sees only its own timesteps); follows ``ldm.training.timestep_sampler``'s protocol and is
     registered as ``stage_timesteps`` for configs::
 

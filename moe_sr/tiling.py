@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from ldm.data.sr_inputs import encoder_input, upscaled_crop
+from ldm.diffusion.denoiser import Denoiser
 
 TileMode = Literal["auto", "on", "off"]
 
@@ -124,7 +125,7 @@ class TiledDenoiser(nn.Module):
 
     def __init__(
         self,
-        denoiser: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+        denoiser: Denoiser,
         tile: int,
         overlap: int,
         *,

@@ -1,11 +1,12 @@
-"""Per-stage expert training helpers: the LDM-4x-SR -> expert key map and the expert export.
+"""Per-stage expert training helpers: the LDM-4x-SR -> stage expert key map and the stage expert
+export.
 
 The training itself is ``ldm``'s diffusion training (``configs/train/sr8x_stage.yaml``): the
 ``stage_timesteps`` sampler (:mod:`moe_sr.stages`) restricts ``t`` to the stage's interval, EWA
 averages the FFN-MoE experts, and ``init_from`` starts the UNet from another checkpoint. This
 module adds what is specific to the method:
 
-* :class:`LDMSR4xToExpertKeyMap` (config target ``ldm_sr4x_to_expert``): initialise an expert
+* :class:`LDMSR4xToExpertKeyMap` (config target ``ldm_sr4x_to_expert``): initialise a stage expert
   (UNet with FFN-MoE layers) from latent-diffusion's 4x SR UNet. An FFN-MoE layer is inserted
   after each attention block, at index 2 of its block, so every later layer of that block moves
   up by one (``middle_block.2`` -> ``middle_block.3``, ``output_blocks.2.2`` (upsample) ->
@@ -71,7 +72,7 @@ class LDMSR4xToExpertKeyMap:
             )
         if ffn_moe_positions(source):
             raise ConfigError(
-                "key map ldm_sr4x_to_expert: the source already has FFN-MoE layers (an expert "
+                "key map ldm_sr4x_to_expert: the source already has FFN-MoE layers (a stage expert "
                 "checkpoint?); load it without a key map"
             )
         mapped = {}
@@ -102,7 +103,7 @@ def export_stage_expert(
     *,
     weights: str = "ema",
 ) -> Path:
-    """Write the EMA UNet of a stage-expert training checkpoint as our expert safetensors.
+    """Write the EMA UNet of a stage-expert training checkpoint as our stage expert safetensors.
 
     The UNet config and the stage come from the checkpoint's hyper-parameters (the
     ``diffusion_sr`` module's ``unet`` and ``timestep_sampler``), so the metadata cannot

@@ -63,6 +63,22 @@ def test_registering_two_objects_under_one_name_fails():
         reg.register("x")(type("B", (), {}))
 
 
+def test_registry_values_by_priority_then_registration_order():
+    reg = Registry("test")
+    reg._plugins_loaded = True  # only what this test registers
+    for name, prio in (("general", 0), ("other", 0), ("specific", 1)):
+        reg.register(name, priority=prio)(type(name, (), {}))
+    assert [o.__name__ for o in reg.values()] == ["specific", "general", "other"]
+
+
+def test_preset_guessers_are_a_registry():
+    from ldm.checkpoint import PRESET_GUESSERS
+
+    assert isinstance(PRESET_GUESSERS, Registry)
+    assert {"autoencoder", "unet", "fa_vae"} <= set(PRESET_GUESSERS.names())
+    assert PRESET_GUESSERS.values()[0].__module__ == "fa_vae.released"  # the most specific first
+
+
 def test_bad_dotted_path():
     # a ConfigError (what every CLI reports as one line), not the registry's KeyError
     with pytest.raises(ConfigError, match="no attribute"):

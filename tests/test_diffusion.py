@@ -10,6 +10,7 @@ import torch
 from ldm.diffusion.ddim import ddim_parameters, ddim_sample, ddim_step, ddim_timesteps, draw_noise
 from ldm.diffusion.ddpm import ddpm_coefficients, ddpm_sample, ddpm_timesteps
 from ldm.diffusion.denoiser import ConcatDenoiser, Denoiser
+from ldm.diffusion.loss import diffusion_loss
 from ldm.diffusion.schedule import LDM_BUFFER_NAMES, NoiseSchedule
 
 SHAPE = (2, 3, 4, 4)
@@ -274,3 +275,31 @@ def test_concat_denoiser():
         den(x, t, None)
     with pytest.raises(ValueError, match="spatial"):
         den(x, t, torch.randn(2, 3, 8, 8))
+
+
+def test_concat_denoiser_compute_dtype():
+    unet = _TinyUNet().to(torch.bfloat16)
+    den = ConcatDenoiser(unet, torch.bfloat16)
+    x, cond, t = torch.randn(SHAPE), torch.randn(SHAPE), torch.tensor([3, 500])
+    out = den(x, t, cond)
+    assert out.dtype == torch.float32
+    ref = unet(torch.cat([x, cond], 1).to(torch.bfloat16), t).float()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert [n for n, _ in den.named_parameters()] == ["diffusion_model.conv.weight",
+                                                      "diffusion_model.conv.bias"]  # fmt: skip
+
+
+def test_diffusion_loss_matches_ldm_buffers(schedule):
+    """The loss noises with the schedule exactly as LDM's float32 buffers do."""
+    den = ConcatDenoiser(_TinyUNet())
+    x0, cond = torch.randn(SHAPE), torch.randn(SHAPE)
+    t, noise = torch.tensor([0, 999]), torch.randn(SHAPE)
+    buf = schedule.ldm_buffers()
+    shape = (-1, 1, 1, 1)
+    x_t = (
+        buf["sqrt_alphas_cumprod"][t].view(shape) * x0
+        + buf["sqrt_one_minus_alphas_cumprod"][t].view(shape) * noise
+    )
+    ref = torch.nn.functional.mse_loss(den(x_t, t, cond), noise)
+    out = diffusion_loss(den, schedule, x0, cond, t, noise)
+    assert torch.equal(out, ref)

@@ -166,5 +166,5 @@ class AutoencoderKL(FirstStageModel):
         return self.decode(z)
 
 
-# Registers the preset guesser used by strict-loading errors (ldm.checkpoint.PRESET_GUESSERS).
+# Registers the autoencoder preset guesser (ldm.checkpoint.PRESET_GUESSERS).
 import ldm.autoencoders.weights  # noqa: E402, F401

@@ -6,8 +6,8 @@
 * Diffusers ``AutoencoderKL`` files are converted through the explicit key map.
 * Our own safetensors files rebuild themselves from their metadata.
 
-Importing this module adds :func:`guess_autoencoder_preset` to
-``ldm.checkpoint.PRESET_GUESSERS``, so strict-loading errors name the likely preset.
+Importing this module registers :func:`guess_autoencoder_preset` in the
+``ldm.checkpoint.PRESET_GUESSERS`` registry, so strict-loading errors name the likely preset.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def _looks_like_diffusers(keys: list[str]) -> bool:
     return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys)
 
 
+@PRESET_GUESSERS.register("autoencoder")
 def guess_autoencoder_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The autoencoder preset ``state_dict`` most likely belongs to, or ``None``.
 
@@ -92,10 +93,6 @@ def guess_autoencoder_preset(state_dict: Mapping[str, torch.Tensor]) -> str | No
         if scores[best] >= 0.8:
             return f"{best}{where}"
     return None
-
-
-if guess_autoencoder_preset not in PRESET_GUESSERS:
-    PRESET_GUESSERS.append(guess_autoencoder_preset)
 
 
 def autoencoder_state_dict(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.diffusion.denoiser import Denoiser, StepCallback
 from ldm.diffusion.schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,6 @@ __all__ = [
     "draw_noise",
 ]
 
-#: ``callback(i, t, x, pred_x0)``: after sampling step ``i`` (0 = first, noisiest), which
-#: denoised timestep ``t`` into ``x`` (the new, less noisy sample) with prediction ``pred_x0``.
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 #: ``noise_fn(i, shape) -> noise`` for step ``i`` (replaces the sampler's own draws).
 NoiseFn = Callable[[int, tuple[int, ...]], torch.Tensor]
 
@@ -213,7 +211,7 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def ddim_sample(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: torch.Tensor,
     cond: Any,
@@ -252,7 +250,7 @@ def ddim_sample(
     for i in range(num):
         index = num - 1 - i
         t_int = int(params.timesteps[index])
-        # t on the host: the sampler knows it there, so a router picks its expert without a
+        # t on the host: the sampler knows it there, so a router picks its stage expert without a
         # device-to-host copy; denoisers move t to their device (the UNet does)
         t = torch.full((batch,), t_int, dtype=torch.long)
         eps = denoiser(x, t, cond)

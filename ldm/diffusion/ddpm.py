@@ -10,12 +10,13 @@ subset; the denoiser still receives the ORIGINAL timesteps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ldm.diffusion.ddim import NoiseFn, StepCallback, draw_noise, state_dtype
+from ldm.diffusion.ddim import NoiseFn, draw_noise, state_dtype
+from ldm.diffusion.denoiser import Denoiser, StepCallback
 from ldm.diffusion.schedule import NoiseSchedule
 
 __all__ = ["ddpm_timesteps", "ddpm_coefficients", "ddpm_sample"]
@@ -81,7 +82,7 @@ def ddpm_coefficients(schedule: NoiseSchedule, timesteps: torch.Tensor) -> dict[
 
 @torch.no_grad()
 def ddpm_sample(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: torch.Tensor,
     cond: Any,

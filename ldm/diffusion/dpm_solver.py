@@ -17,12 +17,13 @@ breaks are those of :mod:`ldm.diffusion.multistep`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ldm.diffusion.ddim import StepCallback, state_dtype
+from ldm.diffusion.ddim import state_dtype
+from ldm.diffusion.denoiser import Denoiser, StepCallback
 from ldm.diffusion.multistep import solver_grid
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.spacing import DEFAULT_SPACING
@@ -32,7 +33,7 @@ __all__ = ["dpmpp_2m_sample"]
 
 @torch.no_grad()
 def dpmpp_2m_sample(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: torch.Tensor,
     cond: Any,

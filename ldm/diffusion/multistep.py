@@ -9,27 +9,26 @@ ODE in ``lambda`` using ``x0(x_t, t) = (x_t - sigma_t eps) / alpha_t``.
 **Multistep history and breaks.** A multistep update combines the newest ``x0`` with the ones of
 earlier grid points. ``history_breaks`` (timesteps ``b``) splits the grid into segments
 ``[b, ...)``: an update never combines evaluations from two segments; it falls back to a lower
-order after a break. With the SS-MoE stage boundaries as breaks, no update mixes two experts'
+order after a break. With the SS-MoE stage boundaries as breaks, no update mixes two stage experts'
 predictions; without breaks (the default) the history runs across them, like one network.
 Either way every evaluation goes to the denoiser at its own timestep, so a router sends it to
-the expert that owns that timestep.
+the stage expert that owns that timestep.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.spacing import DEFAULT_SPACING, solver_timesteps
 
 __all__ = ["SolverGrid", "solver_grid"]
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class SolverGrid:
         """``(x0, t)``: the denoiser's ``eps`` at grid point ``i`` turned into ``x0``.
 
         ``t`` goes to the denoiser as an int64 CPU tensor ``[B]``: the solver knows its
-        timesteps on the host, so a router can pick the expert without a device-to-host copy
+        timesteps on the host, so a router can pick the stage expert without a device-to-host copy
         (a denoiser moves ``t`` to its device itself, as the UNet does).
         """
         t_int = int(self.timesteps[i])

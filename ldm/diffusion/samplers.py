@@ -13,12 +13,13 @@ The default stays the release's DDIM with 200 steps and eta 1. ``spacing`` is DD
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ldm.diffusion.ddim import StepCallback, ddim_sample
+from ldm.diffusion.ddim import ddim_sample
+from ldm.diffusion.denoiser import Denoiser, StepCallback
 from ldm.diffusion.dpm_solver import dpmpp_2m_sample
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.spacing import DEFAULT_SPACING, SPACINGS
@@ -53,7 +54,7 @@ def check_sampler_options(
 @torch.no_grad()
 def run_sampler(
     name: str,
-    denoiser: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: torch.Tensor,
     cond: Any,

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["NoiseSchedule", "LDM_BUFFER_NAMES"]
+from ldm.config import ConfigError, to_plain
+
+__all__ = ["NoiseSchedule", "LDM_BUFFER_NAMES", "build_schedule", "schedule_from_spec"]
 
 #: The 12 schedule buffers of latent-diffusion's ``DDPM`` in state_dict order.
 LDM_BUFFER_NAMES = (
@@ -75,7 +77,7 @@ class NoiseSchedule:
         """LDM's "linear" schedule: linear in sqrt(beta) (``make_beta_schedule("linear")``).
 
         ``betas = linspace(sqrt(linear_start), sqrt(linear_end), T, float64) ** 2``. The defaults
-        are those of latent-diffusion's SR models and of the released SS-MoE experts.
+        are those of latent-diffusion's SR models and of the released SS-MoE stage experts.
         """
         _check_num_timesteps(num_timesteps)
         if not 0 < linear_start < 1 or not 0 < linear_end < 1:
@@ -239,3 +241,15 @@ def schedule_from_spec(spec: Mapping[str, Any] | None) -> NoiseSchedule:
     if kind == "cosine":
         return NoiseSchedule.cosine(**spec)
     raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
+
+
+def build_schedule(spec: Mapping[str, Any] | None) -> NoiseSchedule:
+    """A config's ``schedule`` section -> :class:`NoiseSchedule`; bad values raise ``ConfigError``.
+
+    The one builder used by training (``diffusion_sr``) and the pipeline (``moe_sr.build``);
+    see :func:`schedule_from_spec` for the keys (``None`` gives LDM's linear SR schedule).
+    """
+    try:
+        return schedule_from_spec(to_plain(spec))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

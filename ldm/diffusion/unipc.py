@@ -33,12 +33,13 @@ Deterministic: ``generator`` is accepted for the common sampler signature and un
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ldm.diffusion.ddim import StepCallback, state_dtype
+from ldm.diffusion.ddim import state_dtype
+from ldm.diffusion.denoiser import Denoiser, StepCallback
 from ldm.diffusion.multistep import SolverGrid, solver_grid
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.spacing import DEFAULT_SPACING
@@ -112,7 +113,7 @@ def _usable(grid: SolverGrid, history: list[tuple[int, torch.Tensor]]) -> int:
 
 @torch.no_grad()
 def unipc_sample(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: torch.Tensor,
     cond: Any,

@@ -1,12 +1,13 @@
 """LightningModule that trains one latent denoiser for super-resolution (LDM ``LatentDiffusion``).
 
 Per step: encode the HR crop with the frozen first stage (or read a cached latent), draw ``t`` from
-the configured timestep sampler, noise the latent, predict ``eps`` from
-``unet(cat([x_t, lr_up2]), t)``, minimise the MSE to the true noise (Ho et al. 2020, "simple"
-loss). After each optimizer step the optional expert weight averaging (EWA) and then the EMA run.
+the configured timestep sampler and call :func:`ldm.diffusion.loss.diffusion_loss`: noise the
+latent with the ``NoiseSchedule``, predict ``eps`` from ``unet(cat([x_t, lr_up2]), t)`` (the
+``ConcatDenoiser``), minimise the MSE to the true noise (Ho et al. 2020, "simple" loss). After each optimizer step the optional expert weight averaging (EWA) and then the EMA run.
 
 The state dict keeps latent-diffusion's layout, so our Lightning checkpoints read like the
-released stage checkpoints: the 12 schedule buffers, ``model.diffusion_model.*`` (the UNet),
+released stage checkpoints: the 12 schedule buffers (kept for the layout; the loss and the
+sampler read the ``NoiseSchedule``, which holds the same values), ``model.diffusion_model.*`` (the UNet),
 ``model_ema.*`` (EMA, dots removed, ``decay``, ``num_updates``) and ``first_stage_model.*``.
 """
 
@@ -20,11 +21,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ldm.config import ConfigError, instantiate, to_plain
 from ldm.diffusion.ddim import ddim_sample
-from ldm.diffusion.schedule import NoiseSchedule, schedule_from_spec
+from ldm.diffusion.denoiser import ConcatDenoiser
+from ldm.diffusion.loss import diffusion_loss
+from ldm.diffusion.schedule import build_schedule
 from ldm.registry import register
 from ldm.training.ema import EMA
 from ldm.training.ewa import ExpertWeightAveraging
@@ -32,35 +34,6 @@ from ldm.training.first_stage import build_first_stage, decode_latent, encode_to
 from ldm.training.init_weights import init_from_checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-class DiffusionWrapper(nn.Module):
-    """LDM's concat ``DiffusionWrapper``: holds the UNet as ``diffusion_model``; a denoiser.
-
-    ``wrapper(x_t, t, cond) = diffusion_model(cat([x_t, cond], 1), t)``. (The attribute name keeps
-    the ``model.diffusion_model.*`` checkpoint keys of latent-diffusion.)
-    """
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.diffusion_model = unet
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if cond.shape[0] != x_t.shape[0] or cond.shape[2:] != x_t.shape[2:]:
-            raise ValueError(
-                f"condition {tuple(cond.shape)} must match the latent {tuple(x_t.shape)} in batch "
-                "and spatial size: for vq-f4 and 8x SR the condition is the LR image upsampled "
-                "x2 ('lr_up2')"
-            )
-        return self.diffusion_model(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t)
-
-
-def build_schedule(spec: Mapping[str, Any] | None) -> NoiseSchedule:
-    """``{kind: linear|cosine, num_timesteps, linear_start, linear_end}`` -> NoiseSchedule."""
-    try:
-        return schedule_from_spec(to_plain(spec))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 @register("diffusion_sr")
@@ -74,7 +47,8 @@ class DiffusionSRModule(L.LightningModule):
         first_stage_ckpt: weights for ``first_stage`` (``first_stage_ckpt_prefix`` selects them
             inside a bigger checkpoint, e.g. ``first_stage_model.``).
         scale_factor: latent scale; default: the first stage's ``scale_factor`` attribute.
-        schedule: noise schedule (see :func:`build_schedule`); LDM SR defaults.
+        schedule: noise schedule (see :func:`ldm.diffusion.schedule.build_schedule`); LDM SR
+            defaults.
         timestep_sampler: ``{target, params}`` of the training timestep sampler; default uniform
             over ``[0, T)``. Stage experts use ``moe_sr``'s ``stage_timesteps``.
         base_learning_rate: LDM ``base_learning_rate``; the run scales it by
@@ -121,7 +95,7 @@ class DiffusionSRModule(L.LightningModule):
         for name, value in sched.ldm_buffers().items():
             self.register_buffer(name, value)
 
-        self.model = DiffusionWrapper(instantiate(unet))
+        self.model = ConcatDenoiser(instantiate(unet))
         if init_from is not None:
             init_from_checkpoint(self.model.diffusion_model, **dict(to_plain(init_from)))
         self.use_ema = bool(use_ema)
@@ -189,22 +163,12 @@ class DiffusionSRModule(L.LightningModule):
             )
         return batch[self.hparams.cond_key].float()
 
-    def q_sample(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``sqrt(a_t) z0 + sqrt(1 - a_t) noise`` from LDM's float32 buffers (same values)."""
-        shape = (-1,) + (1,) * (z0.ndim - 1)
-        return (
-            self.sqrt_alphas_cumprod[t].view(shape).to(z0.dtype) * z0
-            + self.sqrt_one_minus_alphas_cumprod[t].view(shape).to(z0.dtype) * noise
-        )
-
     # ------------------------------------------------------------------ loss
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         z0 = self.get_latent(batch)
         cond = self.get_cond(batch)
         t = self.timestep_sampler(z0.shape[0], device=z0.device)
-        noise = torch.randn_like(z0)
-        eps = self.model(self.q_sample(z0, t, noise), t, cond)
-        return F.mse_loss(eps.float(), noise.float())
+        return diffusion_loss(self.model, self.schedule, z0, cond, t)
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)

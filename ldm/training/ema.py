@@ -31,8 +31,8 @@ class EMA(nn.Module):
     """Shadow copies of ``model``'s trainable parameters (LDM ``LitEma`` layout).
 
     Args:
-        model: the module whose parameters are averaged (in LDM: the ``DiffusionWrapper``,
-            so that names start with ``diffusion_model``).
+        model: the module whose parameters are averaged (LDM's ``DiffusionWrapper``, here the
+            ``ConcatDenoiser``, so that names start with ``diffusion_model``).
         decay: the target decay.
         use_num_updates: LDM's warm-up ``min(decay, (1+n)/(10+n))``; when ``False``,
             ``num_updates`` stays -1 and the fixed ``decay`` is used from the first update.

@@ -1,17 +1,17 @@
 """Expert weight averaging (EWA) for the FFN-MoE layers of a UNet.
 
-After each optimizer step, every expert of every FFN-MoE layer is pulled towards the others
+After each optimizer step, every FFN expert of every FFN-MoE layer is pulled towards the others
 (the official ``LatentDiffusionExtremeSREWA.apply_ewa``, ``sr_8x_inf/ldm/models/diffusion/ddpm.py``):
 
     p_k <- (1 - beta) * p_k + beta / (N - 1) * sum_{j != k} p_j,
     beta = min(beta_max * step / ramp_steps, beta_max)      (official: 0.3 over 10k steps)
 
-for the weight and bias of both linear layers of each expert (all of an expert's parameters), with
-``step`` the optimizer steps done before this one (0 at the first step, as the official
-``self.global_step``).
+for the weight and bias of both linear layers of each FFN expert (all of an FFN expert's
+parameters), with ``step`` the optimizer steps done before this one (0 at the first step, as the
+official ``self.global_step``).
 
 Unlike the release, which replaces each parameter by a new ``nn.Parameter`` (so the optimizer,
-holding the old objects, stops updating the experts after the first step), the update here is
+holding the old objects, stops updating the FFN experts after the first step), the update here is
 in place on the same parameter objects (DESIGN.md section 5.3).
 """
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def ffn_moe_layers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """``(name, moe_blocks)`` for every module holding a ``moe_blocks`` list of >= 2 experts."""
+    """``(name, moe_blocks)`` for every module holding a ``moe_blocks`` list of >= 2 FFN experts."""
     out = []
     for name, module in model.named_modules():
         blocks = getattr(module, "moe_blocks", None)
@@ -44,7 +44,7 @@ def ewa_coefficient(step: int, beta_max: float = 0.3, ramp_steps: int = 10_000) 
 
 @torch.no_grad()
 def apply_ewa(experts: nn.ModuleList, beta: float) -> None:
-    """One EWA update of the experts of one FFN-MoE layer, in place."""
+    """One EWA update of the FFN experts of one FFN-MoE layer, in place."""
     n = len(experts)
     if beta == 0.0 or n < 2:
         return
@@ -53,8 +53,8 @@ def apply_ewa(experts: nn.ModuleList, beta: float) -> None:
     for i, params in enumerate(per_expert[1:], start=1):
         if list(params) != names:
             raise ValueError(
-                f"expert {i} has parameters {list(params)} but expert 0 has {names}: "
-                "EWA needs identically built experts"
+                f"FFN expert {i} has parameters {list(params)} but FFN expert 0 has {names}: "
+                "EWA needs identically built FFN experts"
             )
     for pname in names:
         group = [params[pname] for params in per_expert]

@@ -1,4 +1,4 @@
-"""The latent-diffusion UNet with optional FFN-MoE layers (SS-MoE experts).
+"""The latent-diffusion UNet with optional FFN-MoE layers (SS-MoE stage experts).
 
 Importing this package registers the ``unet`` config target and the official-class
 converters for ``UNetModel`` and ``UNetModelWithFFNMoe``.

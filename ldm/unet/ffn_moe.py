@@ -1,8 +1,8 @@
-"""FFN mixture-of-experts layer placed after each attention block of the SS-MoE experts.
+"""FFN mixture-of-experts layer placed after each attention block of the SS-MoE stage experts.
 
 Official counterpart: ``FeedForwardMoe`` in ``sr_8x_inf/ldm/modules/diffusionmodules/
 openaimodel.py`` of tencent-ailab/Frequency_Aug_VAE_MoESR. Output
-``x + FFN_k(LayerNorm(x))`` per token, where expert ``k`` is a ``Linear -> GELU -> Dropout ->
+``x + FFN_k(LayerNorm(x))`` per token, where FFN expert ``k`` is a ``Linear -> GELU -> Dropout ->
 Linear`` FFN with a 4x hidden width. Parameter names are the released ones: ``moe_norm``,
 ``moe_blocks.{k}.0`` and ``moe_blocks.{k}.3``.
 
@@ -11,27 +11,27 @@ Routing modes (``FFNMoE.routing``):
 ``"random"``
     The released behaviour: every forward draws ONE permutation of the ``N = H*W`` tokens
     (token index ``h*W + w``), shared by all batch elements, splits the permuted tokens into
-    consecutive chunks and sends chunk ``k`` to expert ``k``. The permutation comes from
+    consecutive chunks and sends chunk ``k`` to FFN expert ``k``. The permutation comes from
     ``torch.randperm(N, generator=self.generator)``; with ``generator=None`` that is torch's
     default CPU generator, exactly like the release (so ``torch.manual_seed(s)`` before a
     forward reproduces the official routing). The release needs ``N % E == 0``; here any
-    ``N`` works: with ``N = q*E + r`` the first ``r`` experts get ``q + 1`` tokens and the
+    ``N`` works: with ``N = q*E + r`` the first ``r`` FFN experts get ``q + 1`` tokens and the
     others ``q`` (chunk sizes differ by at most one; equal to the release when ``r = 0``).
 ``"average"``
-    Deterministic: the experts' weights are averaged once into a single FFN (mean of every
-    parameter over the experts, i.e. expert weight averaging with factor ``(E-1)/E``; the
+    Deterministic: the FFN experts' weights are averaged once into a single FFN (mean of every
+    parameter over the FFN experts, i.e. expert weight averaging with factor ``(E-1)/E``; the
     release's inference path used ``E - 1/E``, a typo). The averaged weights are cached and
-    recomputed when any expert parameter changes.
+    recomputed when any FFN expert parameter changes.
 ``"fixed"``
     Random routing with a recorded permutation ``fixed_perm`` ([N] int64) used on every
     forward. This is how recorded official routings are replayed: set it with
     ``UNetModel.set_ffn_moe_routing("fixed", perms=[...])`` (one permutation per layer in
     call order) or directly on a layer.
 
-The experts run batched: the routed tokens are gathered into an ``[E, tokens_per_expert, C]``
-tensor (padded by at most one slot per expert when ``N % E != 0``) and pushed through two
-``torch.baddbmm`` calls over the stacked expert weights, instead of a Python loop over
-experts. The parameters stay one ``nn.Linear`` pair per expert (the released names; EMA, EWA
+The FFN experts run batched: the routed tokens are gathered into an ``[E, tokens_per_expert, C]``
+tensor (padded by at most one slot per FFN expert when ``N % E != 0``) and pushed through two
+``torch.baddbmm`` calls over the stacked FFN expert weights, instead of a Python loop over
+FFN experts. The parameters stay one ``nn.Linear`` pair per FFN expert (the released names; EMA, EWA
 and optimizers see ordinary per-expert parameters), but they are **packed**: each of the four
 kinds (``w1, b1, w2, b2``) is a slice of one stacked ``[E, ...]`` tensor, so without gradients
 the stack is a view (no copy, no cache, no extra memory). A layer is packed when it is built
@@ -70,7 +70,7 @@ def _randperm(num_tokens: int, generator: torch.Generator | None) -> torch.Tenso
 
 
 def chunk_sizes(num_tokens: int, num_experts: int) -> list[int]:
-    """Tokens per expert for ``random`` routing: sizes differ by at most one, larger first."""
+    """Tokens per FFN expert for ``random`` routing: sizes differ by at most one, larger first."""
     q, r = divmod(num_tokens, num_experts)
     return [q + 1] * r + [q] * (num_experts - r)
 
@@ -106,7 +106,7 @@ def _token_slots(num_tokens: int, num_experts: int) -> tuple[torch.Tensor, torch
     """CPU index tensors of the ``[E, cap]`` slots (``cap = ceil(N / E)``), flattened: the
     permuted position each slot serves, and the indices of the real slots (``None`` when
     ``N % E == 0``). Chunk ``k``, the permuted positions ``[start_k, start_k + size_k)``, goes to
-    expert ``k``; the padding slots (at most one per expert) reuse a position. Read-only."""
+    FFN expert ``k``; the padding slots (at most one per FFN expert) reuse a position. Read-only."""
     q, r = divmod(num_tokens, num_experts)
     cap = q + (1 if r else 0)
     k = torch.arange(num_experts)
@@ -123,7 +123,7 @@ class FFNMoE(nn.Module):
 
     Args:
         dim: channels ``C`` of the feature map.
-        num_experts: number of expert FFNs ``E`` (16 in the release).
+        num_experts: number of FFN experts ``E`` (16 in the release).
         mult: hidden width multiplier (4).
         dropout: dropout between the two linears (0 in the release).
         routing: ``"random"``, ``"average"`` or ``"fixed"`` (see the module docstring).
@@ -200,7 +200,7 @@ class FFNMoE(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def _expert_params(self) -> list[list[torch.Tensor]]:
-        """[w1s, b1s, w2s, b2s], each a list over experts."""
+        """[w1s, b1s, w2s, b2s], each a list over FFN experts."""
         blocks = self.moe_blocks
         return [
             [b[0].weight for b in blocks],
@@ -223,7 +223,7 @@ class FFNMoE(nn.Module):
         return tuple(views)  # type: ignore[return-value]
 
     def averaged_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The experts' parameters averaged into one FFN: ``(w1, b1, w2, b2)``; cached while
+        """The FFN experts' parameters averaged into one FFN: ``(w1, b1, w2, b2)``; cached while
         the parameters stay the same (no-grad only)."""
         params = [p for group in self._expert_params() for p in group]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -236,9 +236,9 @@ class FFNMoE(nn.Module):
 
     @torch.no_grad()
     def pack_experts(self) -> None:
-        """Store the experts' parameters as slices of four stacked tensors (values unchanged;
+        """Store the FFN experts' parameters as slices of four stacked tensors (values unchanged;
         a no-op when they already are). The parameters stay separate ``nn.Parameter`` objects
-        with the released names; ``state_dict`` has every expert's tensor."""
+        with the released names; ``state_dict`` has every FFN expert's tensor."""
         for group in self._expert_params():
             if packed_stack(group) is None:
                 stacked = torch.stack([p.detach() for p in group])
@@ -250,7 +250,7 @@ class FFNMoE(nn.Module):
         return all(packed_stack(g) is not None for g in self._expert_params())
 
     def clear_cache(self) -> None:
-        """Drop the cached averaged expert weights."""
+        """Drop the cached averaged FFN expert weights."""
         self._average = None
 
     def _apply(self, fn, recurse: bool = True):
@@ -294,11 +294,11 @@ class FFNMoE(nn.Module):
 
     def _experts(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """Route tokens ``x`` [B, N, C] by ``perm`` ([1, N] shared or [B, N], any device);
-        return the expert outputs [B, N, C]. Index tensors are built where ``perm`` is and
+        return the FFN expert outputs [B, N, C]. Index tensors are built where ``perm`` is and
         copied without a host sync."""
         b, n, c = x.shape
         e = self.num_experts
-        cap = -(-n // e)  # slots per expert
+        cap = -(-n // e)  # slots per FFN expert
         pos, real = _token_slots(n, e)
         token = perm[:, pos.to(perm.device)]  # [P, E*cap]: original token served by each slot
         shared = token.shape[0] == 1

@@ -1,7 +1,7 @@
 """Converters from the official UNet constructor kwargs to our ``{target: unet, params}``.
 
 Registered for ``UNetModel`` (latent-diffusion / release ``openaimodel.UNetModel``) and
-``UNetModelWithFFNMoe`` (the SS-MoE experts). Options the official classes accept but that
+``UNetModelWithFFNMoe`` (the SS-MoE stage experts). Options the official classes accept but that
 change nothing for these models are dropped; options we do not implement (class
 conditioning, spatial transformers, codebook prediction, 1D/3D) raise a clear error.
 """
@@ -44,7 +44,7 @@ _FIXED = {
 #: official kwargs without effect on these models
 _IGNORED = {"image_size", "legacy", "transformer_depth"}
 #: UNetModelWithFFNMoe only: accepted but unused by the official code (FeedForwardMoe
-#: always builds 16 experts; the expert count comes from ``num_expert_per_ffn_moe_layer``)
+#: always builds 16 FFN experts; the FFN expert count comes from ``num_expert_per_ffn_moe_layer``)
 _FFN_MOE_IGNORED = {"expert_assign", "num_expert"}
 
 
@@ -76,7 +76,7 @@ def _convert(params: dict[str, Any], *, ffn_moe_experts: int) -> dict[str, Any]:
             logger.warning(
                 "official is_inference=True (expert weight averaging) -> ffn_moe_routing="
                 "'average'; note the official code averages with factor E-1/E (a typo for "
-                "(E-1)/E), we use the plain mean of the experts"
+                "(E-1)/E), we use the plain mean of the FFN experts"
             )
             ours["ffn_moe_routing"] = "average"
         else:
@@ -96,7 +96,7 @@ def unet_ffnmoe_from_official(
 ) -> dict[str, Any]:
     """``openaimodel.UNetModelWithFFNMoe(**params)`` -> our ``unet`` config with FFN-MoE.
 
-    The official ``FeedForwardMoe`` is built with its default of 16 experts regardless of
+    The official ``FeedForwardMoe`` is built with its default of 16 FFN experts regardless of
     the class's ``num_expert`` kwarg; pass ``num_expert_per_ffn_moe_layer`` for other counts.
     """
     if num_expert_per_ffn_moe_layer < 1:

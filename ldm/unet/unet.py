@@ -1,4 +1,4 @@
-"""The LDM UNet (``openaimodel.UNetModel``), optionally with FFN-MoE layers (SS-MoE experts).
+"""The LDM UNet (``openaimodel.UNetModel``), optionally with FFN-MoE layers (SS-MoE stage experts).
 
 With ``ffn_moe_experts == 0`` this is latent-diffusion's UNet (e.g. the bsr_sr 4x SR model);
 with ``ffn_moe_experts = E > 0`` every attention block is followed by an :class:`FFNMoE`
@@ -43,7 +43,7 @@ class UNetModel(nn.Module):
     Args:
         in_channels: input channels (latent + concatenated condition; 6 for the 8x SR model).
         out_channels: predicted channels (3: eps of a 3-channel latent).
-        model_channels: base width (160 in the released experts).
+        model_channels: base width (160 in the released stage experts).
         num_res_blocks: ResBlocks per level.
         attention_resolutions: downsampling rates (1, 2, 4, ...) at which ResBlocks are
             followed by attention (LDM semantics; e.g. ``[8]`` = at 1/8 of the input size).
@@ -55,7 +55,7 @@ class UNetModel(nn.Module):
         conv_resample: learned 3x3 convolutions for up/downsampling.
         use_scale_shift_norm: FiLM-style timestep conditioning in the ResBlocks.
         resblock_updown: resample with ResBlocks instead of Up/Downsample layers.
-        ffn_moe_experts: experts per FFN-MoE layer (0 = no FFN-MoE layers).
+        ffn_moe_experts: FFN experts per FFN-MoE layer (0 = no FFN-MoE layers).
         ffn_moe_routing: ``"random"`` (released behaviour) or ``"average"``.
         use_checkpoint: gradient checkpointing of ResBlocks/attention during training.
         attention_backend: ``"sdpa"`` (default) or ``"xformers"`` (CUDA inputs only).
@@ -202,7 +202,7 @@ class UNetModel(nn.Module):
         ``mode``: ``"random"`` (one ``randperm`` per layer and forward from ``generator``,
         default torch's CPU generator, drawn in call order like the release; a sequence of
         generators routes each sample of a batch with its own), ``"average"``
-        (experts averaged into one FFN) or ``"fixed"`` (replay recorded permutations:
+        (FFN experts averaged into one FFN) or ``"fixed"`` (replay recorded permutations:
         ``perms[i]`` is used by the i-th layer of :meth:`ffn_moe_layers` on every forward).
         """
         layers = self.ffn_moe_layers()
@@ -228,7 +228,7 @@ class UNetModel(nn.Module):
         return [layer.last_perm for layer in self.ffn_moe_layers()]
 
     def pack_ffn_moe_experts(self) -> None:
-        """Lay out every FFN-MoE layer's expert parameters as slices of stacked tensors (see
+        """Lay out every FFN-MoE layer's FFN expert parameters as slices of stacked tensors (see
         :meth:`FFNMoE.pack_experts`). Layers are packed when built and after every ``.to()``;
         this is only needed after replacing parameters by hand."""
         for layer in self.ffn_moe_layers():
@@ -269,6 +269,7 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
+@PRESET_GUESSERS.register("unet")
 def guess_unet_preset(state_dict) -> str | None:
     """Name the UNet preset a state_dict (prefix stripped or not) most likely belongs to."""
     first = next((v for k, v in state_dict.items() if k.endswith("input_blocks.0.0.weight")), None)
@@ -281,7 +282,3 @@ def guess_unet_preset(state_dict) -> str | None:
         ((160, 6, 3, 3), 0): "unet/ldm_sr4x",
         ((32, 6, 3, 3), 4): "unet/sr8x_expert_tiny",
     }.get(shape)
-
-
-if guess_unet_preset not in PRESET_GUESSERS:
-    PRESET_GUESSERS.append(guess_unet_preset)

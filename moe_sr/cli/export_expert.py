@@ -1,4 +1,4 @@
-"""``moe-sr-export-expert``: a stage-expert training checkpoint -> expert safetensors.
+"""``moe-sr-export-expert``: a stage-expert training checkpoint -> stage expert safetensors.
 
     python -m moe_sr.cli.export_expert logs/<run>/checkpoints/last.ckpt experts/stage2.safetensors
 

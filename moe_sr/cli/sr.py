@@ -5,7 +5,8 @@ Examples::
     # the released files (moe_sr.hub.download_release puts them under models/)
     moe-sr --ckpt models/Unet/moe_stage{0,1,2,3}.ckpt \\
         --vae-ckpt models/first_stage_models/vq-f4/fa_vae.pth -i examples/lr -o outputs/sr
-    # a folder of our safetensors (experts + FA-VAE), GPU, half precision, experts offloaded
+    # a folder of our safetensors (stage experts + FA-VAE), GPU, half precision, stage experts
+    # offloaded
     moe-sr --weights-dir release_st/ -i lr/ -o sr/ --device cuda --dtype fp16 --vae-fp32 --offload
 
 Outputs are PNG files named after the inputs, sorted (``--format same`` keeps the input's
@@ -32,6 +33,7 @@ from ldm.cli.messages import (
     report_failures,
     stderr_line,
 )
+from ldm.diffusion.samplers import SAMPLERS
 
 logger = logging.getLogger("moe_sr.sr")
 
@@ -85,10 +87,10 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         "--ckpt",
         nargs="+",
         default=[],
-        help="expert checkpoints in stage order (released moe_stage{k}.ckpt or our "
+        help="stage expert checkpoints in stage order (released moe_stage{k}.ckpt or our "
         ".safetensors; ours are ordered by their metadata)",
     )
-    w.add_argument("--weights-dir", help="folder of our .safetensors (experts + FA-VAE)")
+    w.add_argument("--weights-dir", help="folder of our .safetensors (stage experts + FA-VAE)")
     w.add_argument(
         "--download-to",
         metavar="DIR",
@@ -107,7 +109,7 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument(
         "--sampler",
-        choices=["ddim", "dpmpp-2m", "unipc"],
+        choices=list(SAMPLERS),
         help="ddim (released) or a few-step ODE solver (config default: ddim)",
     )
     s.add_argument("--steps", type=int, help="sampling steps (config default: 200)")
@@ -126,7 +128,9 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="UNet precision")
     r.add_argument("--vae-fp32", action="store_true", help="keep the FA-VAE in float32")
-    r.add_argument("--offload", action="store_true", help="only the active expert on the device")
+    r.add_argument(
+        "--offload", action="store_true", help="only the active stage expert on the device"
+    )
     r.add_argument("--tile", choices=["auto", "on", "off"], help="tiling (default: auto)")
     r.add_argument("--tile-size", type=int, help="latent tile size (latent px; x4 = output px)")
     r.add_argument("--tile-overlap", type=int, help="latent tile overlap (latent px)")
@@ -304,7 +308,7 @@ def _build(args: argparse.Namespace, cfg: dict, shard=None):
         experts, vae = args.ckpt, args.vae_ckpt
         if not experts or not vae:
             raise ValueError(
-                "give the expert checkpoints (--ckpt, one per stage) and --vae-ckpt, or "
+                "give the stage expert checkpoints (--ckpt, one per stage) and --vae-ckpt, or "
                 "--weights-dir, or --download-to DIR (the released files)"
             )
     dtype = DTYPES[args.dtype]
