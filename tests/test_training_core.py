@@ -180,3 +180,23 @@ def test_image_logger_schedule(tmp_path):
     assert [s for s in range(2, 10) if log.should_log(s)] == [3, 6, 9]
     quiet = ImageLogger(tmp_path, every_n_steps=3)
     assert not quiet.should_log(1) and quiet.should_log(3)
+
+
+def test_training_noises_from_its_buffers_exactly_as_the_schedule():
+    """The training loss gathers the q_sample coefficients from the module's registered LDM
+    buffers (on the device of t: no host sync per step); the values equal NoiseSchedule's."""
+    from torch import nn
+
+    from ldm.diffusion.schedule import build_schedule
+    from ldm.training.diffusion_module import _BufferForwardProcess
+
+    schedule = build_schedule({"kind": "linear", "num_timesteps": 1000,
+                               "linear_start": 0.0015, "linear_end": 0.0155})  # fmt: skip
+    holder = nn.Module()
+    for name, value in schedule.ldm_buffers().items():
+        holder.register_buffer(name, value)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(4, 3, 8, 8, generator=gen)
+    t = torch.tensor([0, 1, 500, 999])
+    out = _BufferForwardProcess(holder).q_sample(x0, t, noise)
+    assert torch.equal(out, schedule.q_sample(x0, t, noise))

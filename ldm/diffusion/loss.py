@@ -10,7 +10,7 @@ from its timestep sampler and calls it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +18,20 @@ import torch.nn.functional as F
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.schedule import NoiseSchedule
 
-__all__ = ["diffusion_loss"]
+__all__ = ["ForwardProcess", "diffusion_loss"]
+
+
+class ForwardProcess(Protocol):
+    """What the loss needs of a schedule: ``q_sample(x0, t, noise) -> x_t``.
+    :class:`~ldm.diffusion.schedule.NoiseSchedule` is one (it gathers on the host, checking
+    ``t``); a training module may pass its device buffers instead (no host sync per step)."""
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
 
 def diffusion_loss(
     denoiser: Denoiser,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | ForwardProcess,
     x0: torch.Tensor,
     cond: Any,
     t: torch.Tensor,

@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ldm.config import ConfigError, instantiate, to_plain
 from ldm.diffusion.ddim import ddim_sample
@@ -168,7 +169,7 @@ class DiffusionSRModule(L.LightningModule):
         z0 = self.get_latent(batch)
         cond = self.get_cond(batch)
         t = self.timestep_sampler(z0.shape[0], device=z0.device)
-        return diffusion_loss(self.model, self.schedule, z0, cond, t)
+        return diffusion_loss(self.model, _BufferForwardProcess(self), z0, cond, t)
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
@@ -257,3 +258,18 @@ class DiffusionSRModule(L.LightningModule):
         if self.hparams.hr_key in batch:
             out["hr"] = batch[self.hparams.hr_key][:n].float()
         return {k: out[k] for k in ("lr", "sample", "hr") if k in out}
+
+
+class _BufferForwardProcess:
+    """``q_sample`` from the module's registered LDM buffers (float32, on the module's device):
+    gathered where ``t`` lives, so a GPU training step needs no device-to-host copy. The values
+    are the schedule's (``NoiseSchedule.ldm_buffers``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        shape = (-1, *([1] * (x0.ndim - 1)))
+        a = self.module.sqrt_alphas_cumprod[t].to(x0.dtype).reshape(shape)
+        b = self.module.sqrt_one_minus_alphas_cumprod[t].to(x0.dtype).reshape(shape)
+        return a * x0 + b * noise
