@@ -136,6 +136,9 @@ def evaluate_images(
             row[f"{key}_border"] = border_error_ratio(img, hr, border=_border(hr))
             row[f"{key}_grid"] = grid_peakiness(img)
             row[f"{key}_delta_e"] = mean_delta_e(img, hr)
+        # per image: the mean check averages these ratios (a mean of raw peakiness values is
+        # dominated by one image whose bicubic result is itself periodic)
+        row["grid_ratio"] = row["sr_grid"] / row["bicubic_grid"]
         row["codes_used"] = int(indices.unique().numel())
         rows.append(row)
         logger.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v
@@ -188,8 +191,8 @@ def check_targets(report: DemoReport, t: Targets = TARGETS) -> list[tuple[str, b
             (f"{who}: border error <= {t.border_ratio} x interior",
              r["sr_border"] <= t.border_ratio, f"{r['sr_border']:.3f}"),
             (f"{who}: grid peakiness <= {t.grid_vs_bicubic} x bicubic",
-             r["sr_grid"] <= t.grid_vs_bicubic * r["bicubic_grid"],
-             f"{r['sr_grid']:.2f} vs {r['bicubic_grid']:.2f}"),
+             r["grid_ratio"] <= t.grid_vs_bicubic,
+             f"{r['sr_grid']:.2f} vs {r['bicubic_grid']:.2f} ({r['grid_ratio']:.2f}x)"),
             (f"{who}: colour Delta-E <= {t.delta_e}", r["sr_delta_e"] <= t.delta_e,
              f"{r['sr_delta_e']:.2f}"),
             (f"{who}: FA-VAE with LR features above the plain decode", r["fa_psnr"] > r["ae_psnr"],

@@ -155,7 +155,7 @@ if todo f; then
     echo
     cat "$WORK/results_table.md"
     echo
-    echo "Wall time per step of the recipe (seconds; $(nproc) CPU cores, DEVICE=$DEVICE):"
+    echo "Wall time per step of the recipe (seconds; $(nproc --all) CPU cores, DEVICE=$DEVICE):"
     echo
     sed 's/^/    /' "$TIMES"
   } > "$OUT/RESULTS.md"
