@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ldm.cli.messages import stderr_line
+from ldm.cli.messages import DefaultsHelpFormatter, stderr_line
 from ldm.config import CONFIG_ROOT
 from moe_sr.cli.sr import add_pipeline_options
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A local web page for 8x super-resolution (Gradio). Without weights it "
         f"serves the bundled demo model ({DEMO_CONFIG}); --config defaults to {RELEASE_CONFIG} "
         "for other weights.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
