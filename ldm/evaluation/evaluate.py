@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ldm.data.image_io import list_images, read_image
 from ldm.evaluation import fid as fid_mod
-from ldm.evaluation.io import list_images, match_folders, read_rgb
+from ldm.evaluation.io import match_folders
 from ldm.evaluation.metrics import PyiqaMetric, check_available, metric_spec
 from ldm.evaluation.report import Report
 
@@ -90,7 +91,11 @@ def evaluate(
         )
     if not tensors:
         items = [
-            (p.name, lambda p=p: read_rgb(p), (lambda r=r: read_rgb(r)) if r is not None else None)
+            (
+                p.name,
+                lambda p=p: read_image(p),
+                (lambda r=r: read_image(r)) if r is not None else None,
+            )
             for p, r in pairs
         ]
 

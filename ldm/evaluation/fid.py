@@ -111,13 +111,12 @@ def fid_pyiqa(
 
 def fid_tensors(pred: torch.Tensor, ref: torch.Tensor, *, device=None, weights_dir=None) -> float:
     """FID between two ``[N, 3, H, W]`` batches in [0, 1] (saved as 8-bit PNGs, then pyiqa)."""
-    from PIL import Image
+    from ldm.data.image_io import write_image
 
     with tempfile.TemporaryDirectory(prefix="moesr_fid_") as tmp:
         dirs = Path(tmp, "pred"), Path(tmp, "ref")
         for d, batch in zip(dirs, (pred, ref), strict=True):
             d.mkdir()
-            u8 = (batch.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            for i, img in enumerate(u8):
-                Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:06d}.png")
+            for i, img in enumerate(batch):
+                write_image(img, d / f"{i:06d}.png")
         return fid_pyiqa(*dirs, device=device, weights_dir=weights_dir)

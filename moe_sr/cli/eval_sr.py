@@ -8,7 +8,7 @@ One command for "outputs and metrics" (issue: SR evaluation, ``--run-pipeline``)
 SR outputs go to ``OUT/sr`` (``--sr-dir``), keep the LR file names and are skipped when they
 exist (``--overwrite`` redoes them), so an interrupted run resumes. The metrics and the report
 files (per_image.csv, summary.json, table.md in ``OUT``) are those of ``moe-sr-eval-sr``
-(:func:`ldm.cli.eval_sr.evaluate_folders`); ``--compare NAME=DIR`` adds rows for other SR
+(:func:`ldm.evaluation.sr_folders.evaluate_sr_folders`); ``--compare NAME=DIR`` adds rows for other SR
 folders (e.g. bicubic) in the same table. The pipeline options are those of ``moe-sr``.
 Under ``torchrun`` the SR generation is sharded over the processes (``moe_sr.distributed``) and
 the metrics are computed once, on rank 0.
@@ -64,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from ldm.cli._eval_common import parse_metrics
-    from ldm.cli.eval_sr import DEFAULT_METRICS, _parse_sr, evaluate_folders
+    from ldm.cli._eval_common import evaluate_folders
     from ldm.cli.outputs import check_output_dir
     from ldm.evaluation import MissingMetricWeights
     from ldm.evaluation.io import check_lr_hr_pairs
     from ldm.evaluation.metrics import check_available
+    from ldm.evaluation.sr_folders import DEFAULT_METRICS, parse_named_folders, select_metrics
     from moe_sr.cli.sr import run as run_sr
     from moe_sr.distributed import Shard
     from moe_sr.pipeline import SCALE
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             stderr_line(f"moe-sr-eval: {flag} {folder}: no such folder")
             return 2
     try:
-        compare = _parse_sr(args.compare)
+        compare = parse_named_folders(args.compare)
     except ValueError as err:
         stderr_line(f"moe-sr-eval: {err}")
         return 2
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # what would fail after the SR run fails before it
         check_lr_hr_pairs(args.lr, args.hr, SCALE)
-        metrics, _ = parse_metrics(args.metrics, DEFAULT_METRICS, args.metric_weights_dir)
+        metrics, _ = select_metrics(args.metrics, DEFAULT_METRICS, args.metric_weights_dir)
         check_available(metrics, args.metric_weights_dir)
         check_output_dir(args.out, flag="--out")
     except (MissingMetricWeights, ValueError) as err:
