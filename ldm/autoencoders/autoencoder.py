@@ -33,7 +33,17 @@ def _kwarg_names(cls: type) -> set[str]:
 
 
 class FirstStageModel(nn.Module):
-    """Shared parts: ``ddconfig`` split, encoder/decoder construction, size attributes."""
+    """Shared parts: ``ddconfig`` split, encoder/decoder construction, size attributes, and
+    the interface every autoencoder kind offers, so that callers need not know VQ from KL:
+
+    * ``encode_latent(x, *, sample=False, generator=None)``: the unscaled latent the decoder
+      and the diffusion model take (VQ: the pre-quantisation latent; KL: the posterior mean,
+      or a sample with ``sample=True``);
+    * ``decode(z, skips=None, *, quantize=True)``: the image of a latent; ``quantize`` snaps
+      ``z`` to the codebook first (a KL model has none: no effect);
+    * ``encode(x, return_features=False)``: the kind's own encoding (VQ: the latent; KL: the
+      posterior), with the encoder features the LR-guided FA decoder fuses.
+    """
 
     encoder_class: type[nn.Module] = Encoder
     decoder_class: type[nn.Module] = Decoder
@@ -59,6 +69,16 @@ class FirstStageModel(nn.Module):
 
     def build_decoder(self, params: dict[str, Any]) -> nn.Module:
         return self.decoder_class(**params)
+
+    def encode_latent(
+        self,
+        x: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The unscaled latent of ``x`` (see the class note)."""
+        raise NotImplementedError
 
     def check_input(self, x: torch.Tensor) -> None:
         f = self.downsample_factor
@@ -103,6 +123,17 @@ class VQModel(FirstStageModel):
             h, feats = self.encoder(x, return_features=True)
             return self.quant_conv(h), feats
         return self.quant_conv(self.encoder(x))
+
+    def encode_latent(
+        self,
+        x: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The pre-quantisation latent (deterministic: ``sample`` and ``generator`` are
+        accepted for the common interface and have no effect)."""
+        return self.encode(x)
 
     def decode(
         self,
@@ -151,7 +182,26 @@ class AutoencoderKL(FirstStageModel):
             return DiagonalGaussian(self.quant_conv(h)), feats
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor, skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def encode_latent(
+        self,
+        x: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The posterior mean, or with ``sample=True`` a sample drawn with ``generator``."""
+        posterior = self.encode(x)
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        skips: Sequence[torch.Tensor] | None = None,
+        *,
+        quantize: bool = True,
+    ) -> torch.Tensor:
+        """Image from an unscaled latent. ``quantize`` is accepted for the common interface
+        (:class:`VQModel`'s); a KL latent has no codebook, so it has no effect."""
         return self.decoder(self.post_quant_conv(z), skips)
 
     def forward(
@@ -161,9 +211,7 @@ class AutoencoderKL(FirstStageModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Reconstruction from the posterior mean (or a sample with ``sample_posterior``)."""
-        posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z)
+        return self.decode(self.encode_latent(x, sample=sample_posterior, generator=generator))
 
 
 # Registers the autoencoder preset guesser (ldm.checkpoint.PRESET_GUESSERS).
