@@ -42,7 +42,7 @@ def coco(tmp_path) -> Path:
 
 
 def _tiny(preset: str, path: Path):
-    from ldm.autoencoders.weights import load_autoencoder
+    from ldm.autoencoders.loading import load_autoencoder
 
     torch.manual_seed(0)
     model = load_autoencoder(preset)

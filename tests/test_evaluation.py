@@ -19,7 +19,7 @@ skm = pytest.importorskip("skimage.metrics")
 
 from ldm.data.image_io import read_image  # noqa: E402
 from ldm.evaluation import MissingMetricWeights, evaluate  # noqa: E402
-from ldm.evaluation import weights as W  # noqa: E402
+from ldm.evaluation import metric_weights as W  # noqa: E402
 from ldm.evaluation.fid import frechet_distance  # noqa: E402
 from ldm.evaluation.io import match_folders  # noqa: E402
 from ldm.evaluation.lpips import LPIPS  # noqa: E402

@@ -21,7 +21,7 @@ pyiqa = pytest.importorskip("pyiqa")
 
 from ldm.evaluation import MissingMetricWeights, evaluate  # noqa: E402
 from ldm.evaluation import fid_inception as FI  # noqa: E402
-from ldm.evaluation import weights as W  # noqa: E402
+from ldm.evaluation import metric_weights as W  # noqa: E402
 from ldm.evaluation.fid import fid_pyiqa, frechet_distance  # noqa: E402
 from ldm.evaluation.metrics import metric_spec  # noqa: E402
 

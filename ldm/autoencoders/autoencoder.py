@@ -215,4 +215,4 @@ class AutoencoderKL(FirstStageModel):
 
 
 # Registers the autoencoder preset guesser (ldm.checkpoint.PRESET_GUESSERS).
-import ldm.autoencoders.weights  # noqa: E402, F401
+import ldm.autoencoders.loading  # noqa: E402, F401

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.cli._eval_common import add_common_options, setup_logging
+from ldm.cli.evaluation import add_common_options, setup_logging
 from ldm.cli.messages import interruptible
 from ldm.evaluation.sr_folders import DEFAULT_METRICS, select_metrics, write_report_files
 

@@ -5,7 +5,7 @@
 
 Images are paired by file name (stem: ``0801.png`` pairs with ``0801.jpg``); names without a
 partner are listed in the error. Running the SR pipeline first belongs to the moe_sr package
-(``ldm`` does not import it): ``moe-sr-eval`` (``moe_sr/cli/eval_sr.py``) does both.
+(``ldm`` does not import it): ``moe-sr-eval`` (``moe_sr/cli/eval_pipeline.py``) does both.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from ldm.cli._eval_common import add_common_options, evaluate_folders, setup_logging
+from ldm.cli.evaluation import add_common_options, evaluate_folders, setup_logging
 from ldm.cli.messages import interruptible
 from ldm.evaluation.sr_folders import parse_named_folders
 

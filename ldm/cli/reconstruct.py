@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
+    from ldm.autoencoders.loading import load_autoencoder
     from ldm.autoencoders.lr_guided import needs_lr_input, reconstruct_image_with_lr
     from ldm.autoencoders.reconstruct import reconstruct_image
-    from ldm.autoencoders.weights import load_autoencoder
     from ldm.checkpoint import CheckpointError
     from ldm.cli.outputs import OutputError, check_output_dir, refuse_inputs_as_outputs
     from ldm.config import ConfigError

@@ -52,11 +52,11 @@ def evaluate(
         crop_border: pixels removed on each side before psnr/ssim.
         y_channel: psnr/ssim on the BT.601 Y channel instead of RGB.
         device: torch device (default cpu).
-        weights_dir: offline metric weights folder (see :mod:`ldm.evaluation.weights`).
+        weights_dir: offline metric weights folder (see :mod:`ldm.evaluation.metric_weights`).
         names: image names for tensor inputs (default ``"0", "1", ...``).
 
     Every metric's weights are checked before any image is read; a missing file raises
-    :class:`~ldm.evaluation.weights.MissingMetricWeights`. Returns a :class:`Report` with
+    :class:`~ldm.evaluation.metric_weights.MissingMetricWeights`. Returns a :class:`Report` with
     per-image rows, means and each metric's direction.
     """
     metrics = list(dict.fromkeys(metrics))

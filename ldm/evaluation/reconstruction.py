@@ -107,7 +107,7 @@ class ModelSpec:
         return cls(name, config or None, ckpt or None)
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
-        from ldm.autoencoders.weights import load_autoencoder
+        from ldm.autoencoders.loading import load_autoencoder
 
         if self.ckpt is None:
             raise ValueError(f"model {self.name!r}: no checkpoint given")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm.evaluation import weights as W
+from ldm.evaluation import metric_weights as W
 
 #: Metrics of the evaluation commands when ``--metrics`` is not given (``fid`` is dropped,
 #: with a note, when its Inception weights are missing).

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.evaluation import weights as W
+from ldm.evaluation import metric_weights as W
 
 log = logging.getLogger(__name__)
 
