@@ -78,7 +78,36 @@ class FirstStageModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """The unscaled latent of ``x`` (see the class note)."""
+        return self.latent_of(self.encode(x), sample, generator)
+
+    def latent_of(
+        self, encoded: Any, sample: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The latent in what :meth:`encode` returned (each kind says how)."""
         raise NotImplementedError
+
+    def snap_to_codebook(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` on the codebook (a kind without one returns ``z``)."""
+        return z
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        skips: Sequence[torch.Tensor] | None = None,
+        *,
+        quantize: bool = True,
+    ) -> torch.Tensor:
+        """Image from an unscaled latent; ``quantize=True`` snaps ``z`` to the codebook first
+        (LDM ``VQModelInterface.decode``; no effect for a KL model, which has none), ``False``
+        decodes ``z`` as it is. ``skips``: encoder features for an LR-guided decoder."""
+        if quantize:
+            z = self.snap_to_codebook(z)
+        return self.decoder(self.post_quant_conv(z), skips)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator=None):
+        """Reconstruction: encode, (VQ: quantize,) decode; a KL model decodes the posterior
+        mean (or a sample with ``sample_posterior``)."""
+        return self.decode(self.encode_latent(x, sample=sample_posterior, generator=generator))
 
     def check_input(self, x: torch.Tensor) -> None:
         f = self.downsample_factor
@@ -124,33 +153,12 @@ class VQModel(FirstStageModel):
             return self.quant_conv(h), feats
         return self.quant_conv(self.encoder(x))
 
-    def encode_latent(
-        self,
-        x: torch.Tensor,
-        *,
-        sample: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The pre-quantisation latent (deterministic: ``sample`` and ``generator`` are
-        accepted for the common interface and have no effect)."""
-        return self.encode(x)
+    def latent_of(self, encoded: torch.Tensor, sample: bool, generator) -> torch.Tensor:
+        """The pre-quantisation latent itself (deterministic: ``sample`` has no effect)."""
+        return encoded
 
-    def decode(
-        self,
-        z: torch.Tensor,
-        skips: Sequence[torch.Tensor] | None = None,
-        *,
-        quantize: bool = True,
-    ) -> torch.Tensor:
-        """Image from a latent; ``quantize=True`` snaps ``z`` to the codebook first
-        (LDM ``VQModelInterface.decode``); ``False`` decodes ``z`` as it is."""
-        if quantize:
-            z = self.quantize(z)[0]
-        return self.decoder(self.post_quant_conv(z), skips)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction: encode, quantize, decode."""
-        return self.decode(self.encode(x), quantize=True)
+    def snap_to_codebook(self, z: torch.Tensor) -> torch.Tensor:
+        return self.quantize(z)[0]
 
 
 @register("kl_model", kind="autoencoder")
@@ -182,36 +190,9 @@ class AutoencoderKL(FirstStageModel):
             return DiagonalGaussian(self.quant_conv(h)), feats
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
-    def encode_latent(
-        self,
-        x: torch.Tensor,
-        *,
-        sample: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def latent_of(self, encoded: DiagonalGaussian, sample: bool, generator) -> torch.Tensor:
         """The posterior mean, or with ``sample=True`` a sample drawn with ``generator``."""
-        posterior = self.encode(x)
-        return posterior.sample(generator) if sample else posterior.mode()
-
-    def decode(
-        self,
-        z: torch.Tensor,
-        skips: Sequence[torch.Tensor] | None = None,
-        *,
-        quantize: bool = True,
-    ) -> torch.Tensor:
-        """Image from an unscaled latent. ``quantize`` is accepted for the common interface
-        (:class:`VQModel`'s); a KL latent has no codebook, so it has no effect."""
-        return self.decoder(self.post_quant_conv(z), skips)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        sample_posterior: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Reconstruction from the posterior mean (or a sample with ``sample_posterior``)."""
-        return self.decode(self.encode_latent(x, sample=sample_posterior, generator=generator))
+        return encoded.sample(generator) if sample else encoded.mode()
 
 
 # Registers the autoencoder preset guesser (ldm.checkpoint.PRESET_GUESSERS).
