@@ -72,7 +72,7 @@ setup(
             "moe-sr-reconstruct = ldm.cli.reconstruct:main",
             "moe-sr-eval-reconstruction = ldm.cli.eval_reconstruction:main",
             "moe-sr-eval-sr = ldm.cli.eval_sr:main",
-            "moe-sr-eval = moe_sr.cli.eval_sr:main",
+            "moe-sr-eval = moe_sr.cli.eval_pipeline:main",
             "moe-sr-demo = moe_sr.cli.demo:main",
             "moe-sr-demo-recipe = moe_sr.cli.demo_recipe:main",
             "moe-sr-compare = ldm.cli.compare:main",

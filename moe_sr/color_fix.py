@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ldm.data.image_io import to_uint8 as image_to_uint8
 from ldm.data.resize import imresize_torch
 
 __all__ = [
@@ -158,9 +159,9 @@ def to_uint8(x: torch.Tensor, rounding: Literal["round", "truncate"] = "round") 
     if rounding not in ("round", "truncate"):
         raise ValueError(f"to_uint8: rounding must be 'round' or 'truncate', got {rounding!r}")
     work = x.to(torch.float32) if x.dtype != torch.float32 else x
+    if rounding == "round":  # the one rounding rule of ldm.data.image_io
+        return image_to_uint8((work + 1.0) / 2.0)
     v = 255.0 * torch.clamp((work + 1.0) / 2.0, 0.0, 1.0)
-    if rounding == "round":
-        v = torch.round(v)
     return v.to(torch.uint8)  # float -> uint8 truncates towards zero (values are >= 0)
 
 

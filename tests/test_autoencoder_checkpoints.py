@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.autoencoders.weights import guess_autoencoder_preset, load_autoencoder
+from ldm.autoencoders.loading import guess_autoencoder_preset, load_autoencoder
 from ldm.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,

@@ -156,6 +156,25 @@ def test_kl_model_encode_decode():
         assert model(x, sample_posterior=True, generator=g).shape == x.shape
 
 
+def test_vq_and_kl_share_encode_latent_and_decode():
+    """One interface: callers use encode_latent / decode without knowing the kind; the results
+    are those of each kind's own encode (VQ latent; KL posterior mean or sample)."""
+    x = torch.randn(1, 3, 16, 16)
+    vq, kl = _tiny("vq_f4_tiny").eval(), _tiny("kl_f8_tiny").eval()
+    _perturb(vq), _perturb(kl)
+    with torch.no_grad():
+        assert torch.equal(vq.encode_latent(x), vq.encode(x))
+        assert torch.equal(vq.encode_latent(x, sample=True), vq.encode(x))
+        assert torch.equal(kl.encode_latent(x), kl.encode(x).mode())
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        assert torch.equal(kl.encode_latent(x, sample=True, generator=g1), kl.encode(x).sample(g2))
+        for model in (vq, kl):
+            z = model.encode_latent(x)
+            assert torch.equal(model(x), model.decode(z, quantize=True))
+        z = kl.encode_latent(x)
+        assert torch.equal(kl.decode(z, quantize=False), kl.decode(z, None, quantize=True))
+
+
 def test_input_not_divisible_by_factor_is_a_clear_error():
     with pytest.raises(ValueError, match="divisible by 8"):
         _tiny("kl_f8_tiny").encode(torch.randn(1, 3, 20, 16))

@@ -104,7 +104,7 @@ def test_unknown_diffusers_keys_are_named():
 def test_diffusers_file_loads_through_load_autoencoder(tmp_path, tiny_diffusers_vae):
     from safetensors.torch import save_file
 
-    from ldm.autoencoders.weights import load_autoencoder
+    from ldm.autoencoders.loading import load_autoencoder
 
     vae = tiny_diffusers_vae
     save_file(dict(vae.state_dict()), str(tmp_path / "diffusion_pytorch_model.safetensors"))

@@ -15,7 +15,7 @@ pytest.importorskip("pyiqa")
 
 from ldm.cli.compare import main as compare_main  # noqa: E402
 from ldm.cli.eval_sr import main as eval_main  # noqa: E402
-from ldm.evaluation import weights as W  # noqa: E402
+from ldm.evaluation import metric_weights as W  # noqa: E402
 
 
 def _save(path: Path, arr: np.ndarray) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image
 pytest.importorskip("pyiqa")
 
 from ldm.cli.eval_reconstruction import main  # noqa: E402
-from ldm.evaluation.io import read_rgb  # noqa: E402
+from ldm.data.image_io import read_image  # noqa: E402
 from ldm.evaluation.reconstruction import (  # noqa: E402
     ModelSpec,
     center_crop_protocol,
@@ -42,7 +42,7 @@ def coco(tmp_path) -> Path:
 
 
 def _tiny(preset: str, path: Path):
-    from ldm.autoencoders.weights import load_autoencoder
+    from ldm.autoencoders.loading import load_autoencoder
 
     torch.manual_seed(0)
     model = load_autoencoder(preset)
@@ -100,7 +100,7 @@ def test_eval_reconstruction_table_values_and_resume(coco, tmp_path, capsys):
     assert not (out / "kl-tiny").exists()  # reconstructions removed without --save-recon
 
     # values: recompute the first image's PSNR by hand for both models
-    ref = center_crop_protocol(read_rgb(coco / COCO_NAMES[0]), 64)
+    ref = center_crop_protocol(read_image(coco / COCO_NAMES[0]), 64)
     for model, row, name in ((kl, rows[0], "kl-tiny"), (fa, rows[2], "fa-vq-tiny")):
         rec = (reconstruct(model, ref[None])[0] * 255).round() / 255
         mse = float(((rec.double() - ref.double()) ** 2).mean())

@@ -17,10 +17,11 @@ import torch
 pyiqa = pytest.importorskip("pyiqa")
 skm = pytest.importorskip("skimage.metrics")
 
+from ldm.data.image_io import read_image  # noqa: E402
 from ldm.evaluation import MissingMetricWeights, evaluate  # noqa: E402
-from ldm.evaluation import weights as W  # noqa: E402
+from ldm.evaluation import metric_weights as W  # noqa: E402
 from ldm.evaluation.fid import frechet_distance  # noqa: E402
-from ldm.evaluation.io import match_folders, read_rgb  # noqa: E402
+from ldm.evaluation.io import match_folders  # noqa: E402
 from ldm.evaluation.lpips import LPIPS  # noqa: E402
 from ldm.evaluation.metrics import PyiqaMetric  # noqa: E402
 from ldm.evaluation.report import markdown_table, read_csv, write_csv, write_json  # noqa: E402
@@ -43,8 +44,8 @@ def wdir(tmp_path_factory) -> Path:
 def _calib(names):
     if not CALIB.is_dir():
         pytest.skip(f"pyiqa calibration images not found at {CALIB}")
-    dist = torch.stack([read_rgb(CALIB / "dist_dir" / n) for n in names])
-    ref = torch.stack([read_rgb(CALIB / "ref_dir" / n) for n in names])
+    dist = torch.stack([read_image(CALIB / "dist_dir" / n) for n in names])
+    ref = torch.stack([read_image(CALIB / "ref_dir" / n) for n in names])
     return dist, ref
 
 

@@ -21,7 +21,7 @@ pyiqa = pytest.importorskip("pyiqa")
 
 from ldm.evaluation import MissingMetricWeights, evaluate  # noqa: E402
 from ldm.evaluation import fid_inception as FI  # noqa: E402
-from ldm.evaluation import weights as W  # noqa: E402
+from ldm.evaluation import metric_weights as W  # noqa: E402
 from ldm.evaluation.fid import fid_pyiqa, frechet_distance  # noqa: E402
 from ldm.evaluation.metrics import metric_spec  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_fid_missing_weights_message(tmp_path, monkeypatch):
 
 
 def test_cli_default_keeps_fid_only_when_available(tmp_path, monkeypatch, converted):
-    from ldm.cli._eval_common import parse_metrics
+    from ldm.evaluation.sr_folders import select_metrics as parse_metrics
 
     default = ["psnr", "ssim", "lpips", "fid"]
     assert parse_metrics(None, default, converted.parent) == (default, [])

@@ -169,3 +169,39 @@ def test_odd_modes_read_as_rgb_in_range(tmp_path):
     assert x.shape == (3, 2, 2) and float(x.min()) == 0.0 and float(x.max()) == 1.0
     Image.fromarray(_rgb(4, 4)).convert("LAB").save(tmp_path / "lab.tif")
     assert read_image(tmp_path / "lab.tif").shape == (3, 4, 4)
+
+
+def test_to_uint8_one_rule_for_tensors_arrays_and_written_files(tmp_path):
+    from ldm.data.image_io import to_uint8, to_uint8_hwc
+
+    x = torch.tensor([-0.1, 0.0, 0.5, 1.0, 1.2])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255]  # 127.5 -> 128: half to even
+    img = torch.rand(3, 5, 7)
+    hwc = to_uint8_hwc(img)
+    assert hwc.dtype == np.uint8 and hwc.shape == (5, 7, 3)
+    assert np.array_equal(hwc, to_uint8(img.permute(1, 2, 0).numpy()))
+    assert np.array_equal(hwc, to_uint8(img).permute(1, 2, 0).numpy())
+    write_image(img, tmp_path / "r.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")), hwc)
+    u8 = torch.randint(0, 256, (3, 2, 2), dtype=torch.uint8)
+    assert to_uint8(u8) is u8
+
+
+def test_collect_inputs_expands_folders_and_reports_bad_paths(tmp_path):
+    from ldm.data.image_io import collect_inputs
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "empty").mkdir()
+    write_image(torch.rand(3, 4, 4), tmp_path / "imgs" / "b.png")
+    write_image(torch.rand(3, 4, 4), tmp_path / "imgs" / "a.png")
+    items = [tmp_path / "imgs", tmp_path / "empty", tmp_path / "missing.png"]
+    files, errors = collect_inputs(items)
+    assert [f.name for f in files] == ["a.png", "b.png"]
+    assert errors == [
+        f"{tmp_path / 'empty'}: folder holds no images",
+        f"{tmp_path / 'missing.png'}: no such file or folder",
+    ]
+    _, errors = collect_inputs(items, empty_folders_ok=True)
+    assert errors == [f"{tmp_path / 'missing.png'}: no such file or folder"]
+    with pytest.raises(FileNotFoundError):
+        list_images(tmp_path / "nowhere")

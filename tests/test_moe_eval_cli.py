@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from moe_sr.build import export_pipeline, load_pipeline_config, pipeline_from_parts
-from moe_sr.cli.eval_sr import main
+from moe_sr.cli.eval_pipeline import main
 from tests.moe_sr_helpers import tiny_fa_vae, tiny_unets
 
 CONFIG = "moe_sr/sr8x_tiny"

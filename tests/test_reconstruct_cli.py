@@ -134,7 +134,7 @@ def _two_inputs(folder):
 def test_cli_output_side_checked_before_loading(tmp_path, tiny_vq_file, capsys, monkeypatch):
     """Issue: --suffix .xyz, an -o that is a file and outputs that are the inputs failed (or
     overwrote) only after the work."""
-    import ldm.autoencoders.weights as weights
+    import ldm.autoencoders.loading as weights
 
     src = _two_inputs(tmp_path / "in")
     before = {p.name: p.read_bytes() for p in src.iterdir()}

@@ -176,7 +176,7 @@ def evil_folder(tmp_path, probe):
 
 def test_python_loaders_refuse(evil_folder, probe):
     from fa_vae.released import load_released
-    from ldm.autoencoders.weights import load_autoencoder
+    from ldm.autoencoders.loading import load_autoencoder
     from ldm.training.first_stage import build_first_stage
     from moe_sr.build import build_pipeline_from_folder
 

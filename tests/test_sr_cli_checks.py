@@ -293,8 +293,8 @@ def test_release_script_without_a_virtualenv_says_what_to_do(tmp_path):
 def test_moe_sr_eval_takes_the_same_documented_choices(tmp_path, capsys):
     """moe-sr-eval shares the pipeline options: its --tile on / off pass the real parser too."""
     pytest.importorskip("pyiqa")
-    from moe_sr.cli.eval_sr import build_parser as eval_parser
-    from moe_sr.cli.eval_sr import main as eval_main
+    from moe_sr.cli.eval_pipeline import build_parser as eval_parser
+    from moe_sr.cli.eval_pipeline import main as eval_main
 
     lr = _inputs(tmp_path / "lr", ("a.png",))
     hr = tmp_path / "hr"

@@ -132,7 +132,7 @@ def load_compare_vae(
     if path.is_file():
         if path.suffix not in _FILE_SUFFIXES:
             raise ValueError(f"{path}: unknown VAE file type (expected one of {_FILE_SUFFIXES})")
-        from ldm.autoencoders.weights import is_pretrained_file, load_autoencoder
+        from ldm.autoencoders.loading import is_pretrained_file, load_autoencoder
 
         vae = load_autoencoder(None if is_pretrained_file(path) else config, path, prefix=prefix)
         return vae.to(device=device, dtype=dtype).eval()

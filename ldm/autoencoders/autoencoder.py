@@ -33,7 +33,17 @@ def _kwarg_names(cls: type) -> set[str]:
 
 
 class FirstStageModel(nn.Module):
-    """Shared parts: ``ddconfig`` split, encoder/decoder construction, size attributes."""
+    """Shared parts: ``ddconfig`` split, encoder/decoder construction, size attributes, and
+    the interface every autoencoder kind offers, so that callers need not know VQ from KL:
+
+    * ``encode_latent(x, *, sample=False, generator=None)``: the unscaled latent the decoder
+      and the diffusion model take (VQ: the pre-quantisation latent; KL: the posterior mean,
+      or a sample with ``sample=True``);
+    * ``decode(z, skips=None, *, quantize=True)``: the image of a latent; ``quantize`` snaps
+      ``z`` to the codebook first (a KL model has none: no effect);
+    * ``encode(x, return_features=False)``: the kind's own encoding (VQ: the latent; KL: the
+      posterior), with the encoder features the LR-guided FA decoder fuses.
+    """
 
     encoder_class: type[nn.Module] = Encoder
     decoder_class: type[nn.Module] = Decoder
@@ -59,6 +69,45 @@ class FirstStageModel(nn.Module):
 
     def build_decoder(self, params: dict[str, Any]) -> nn.Module:
         return self.decoder_class(**params)
+
+    def encode_latent(
+        self,
+        x: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The unscaled latent of ``x`` (see the class note)."""
+        return self.latent_of(self.encode(x), sample, generator)
+
+    def latent_of(
+        self, encoded: Any, sample: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The latent in what :meth:`encode` returned (each kind says how)."""
+        raise NotImplementedError
+
+    def snap_to_codebook(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` on the codebook (a kind without one returns ``z``)."""
+        return z
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        skips: Sequence[torch.Tensor] | None = None,
+        *,
+        quantize: bool = True,
+    ) -> torch.Tensor:
+        """Image from an unscaled latent; ``quantize=True`` snaps ``z`` to the codebook first
+        (LDM ``VQModelInterface.decode``; no effect for a KL model, which has none), ``False``
+        decodes ``z`` as it is. ``skips``: encoder features for an LR-guided decoder."""
+        if quantize:
+            z = self.snap_to_codebook(z)
+        return self.decoder(self.post_quant_conv(z), skips)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator=None):
+        """Reconstruction: encode, (VQ: quantize,) decode; a KL model decodes the posterior
+        mean (or a sample with ``sample_posterior``)."""
+        return self.decode(self.encode_latent(x, sample=sample_posterior, generator=generator))
 
     def check_input(self, x: torch.Tensor) -> None:
         f = self.downsample_factor
@@ -104,22 +153,12 @@ class VQModel(FirstStageModel):
             return self.quant_conv(h), feats
         return self.quant_conv(self.encoder(x))
 
-    def decode(
-        self,
-        z: torch.Tensor,
-        skips: Sequence[torch.Tensor] | None = None,
-        *,
-        quantize: bool = True,
-    ) -> torch.Tensor:
-        """Image from a latent; ``quantize=True`` snaps ``z`` to the codebook first
-        (LDM ``VQModelInterface.decode``); ``False`` decodes ``z`` as it is."""
-        if quantize:
-            z = self.quantize(z)[0]
-        return self.decoder(self.post_quant_conv(z), skips)
+    def latent_of(self, encoded: torch.Tensor, sample: bool, generator) -> torch.Tensor:
+        """The pre-quantisation latent itself (deterministic: ``sample`` has no effect)."""
+        return encoded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction: encode, quantize, decode."""
-        return self.decode(self.encode(x), quantize=True)
+    def snap_to_codebook(self, z: torch.Tensor) -> torch.Tensor:
+        return self.quantize(z)[0]
 
 
 @register("kl_model", kind="autoencoder")
@@ -151,20 +190,10 @@ class AutoencoderKL(FirstStageModel):
             return DiagonalGaussian(self.quant_conv(h)), feats
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor, skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z), skips)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        sample_posterior: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Reconstruction from the posterior mean (or a sample with ``sample_posterior``)."""
-        posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z)
+    def latent_of(self, encoded: DiagonalGaussian, sample: bool, generator) -> torch.Tensor:
+        """The posterior mean, or with ``sample=True`` a sample drawn with ``generator``."""
+        return encoded.sample(generator) if sample else encoded.mode()
 
 
 # Registers the autoencoder preset guesser (ldm.checkpoint.PRESET_GUESSERS).
-import ldm.autoencoders.weights  # noqa: E402, F401
+import ldm.autoencoders.loading  # noqa: E402, F401

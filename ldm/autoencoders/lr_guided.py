@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ldm.autoencoders.reconstruct import pad_to_multiple
+from ldm.data.image_io import to_uint8_hwc
 
 LR_FACTOR = 8
 
@@ -29,10 +30,6 @@ def needs_lr_input(model: nn.Module) -> bool:
     return callable(getattr(model, "lr_features", None))
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def lr_from_hr(x: torch.Tensor, factor: int = LR_FACTOR) -> torch.Tensor:
     """MATLAB bicubic x1/``factor`` of ``x`` ``[3, H, W]`` in [0, 1] (8-bit, as an image file).
 
@@ -40,7 +37,7 @@ def lr_from_hr(x: torch.Tensor, factor: int = LR_FACTOR) -> torch.Tensor:
     """
     from ldm.data.resize import imresize
 
-    u8 = _to_uint8(x.detach().cpu()).permute(1, 2, 0).numpy()
+    u8 = to_uint8_hwc(x)
     lr = imresize(u8, scale=1 / factor)
     return torch.from_numpy(lr).permute(2, 0, 1).to(torch.float32) / 255
 

@@ -38,8 +38,6 @@ def reconstruct_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     param = next(model.parameters())
     x = x.to(device=param.device, dtype=param.dtype) * 2.0 - 1.0
     x_pad, (h, w) = pad_to_multiple(x, model.downsample_factor)
-    encoded = model.encode(x_pad)
-    z = encoded if isinstance(encoded, torch.Tensor) else encoded.mode()  # KL: posterior mean
-    y = model.decode(z)[..., :h, :w]
+    y = model.decode(model.encode_latent(x_pad))[..., :h, :w]  # KL: posterior mean
     y = ((y + 1.0) / 2.0).clamp_(0.0, 1.0)
     return y[0] if single else y

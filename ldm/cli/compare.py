@@ -38,9 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ldm.cli.outputs import check_output_file
-    from ldm.data.image_io import check_write_suffix, write_image
+    from ldm.data.image_io import ImageReadError, check_write_suffix, read_image, write_image
     from ldm.evaluation.compare import comparison_columns, make_comparison, parse_crop
-    from ldm.evaluation.io import read_rgb
 
     try:
         check_write_suffix(Path(args.out).suffix, what=f"--out {args.out}")
@@ -50,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
             label, sep, path = item.partition("=")
             if not sep or not label:
                 raise ValueError(f"--image wants LABEL=PATH, got {item!r}")
-            others.append((label, read_rgb(path)))
-        lr = read_rgb(args.lr) if args.lr else None
-        ref = read_rgb(args.ref) if args.ref else None
+            others.append((label, read_image(path)))
+        lr = read_image(args.lr) if args.lr else None
+        ref = read_image(args.ref) if args.ref else None
         cols = comparison_columns(lr, others, ref)
         crop = parse_crop(args.crop) if args.crop else None
         picture = make_comparison(cols, crop, column_width=args.column_width)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImageReadError) as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
     out = write_image(np.asarray(picture.convert("RGB")), args.out)

@@ -13,11 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.cli._eval_common import add_common_options, parse_metrics, setup_logging, write_outputs
+from ldm.cli.evaluation import add_common_options, setup_logging
 from ldm.cli.messages import interruptible
+from ldm.evaluation.sr_folders import DEFAULT_METRICS, select_metrics, write_report_files
 
 log = logging.getLogger(__name__)
-DEFAULT_METRICS = ["psnr", "ssim", "lpips", "fid"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from ldm.cli.outputs import check_output_dir
+    from ldm.data.image_io import ImageReadError
     from ldm.evaluation import MissingMetricWeights
     from ldm.evaluation.reconstruction import ModelSpec, evaluate_reconstruction
     from ldm.evaluation.report import markdown_table
@@ -65,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
-        metrics, notes = parse_metrics(args.metrics, DEFAULT_METRICS, args.weights_dir)
+        metrics, notes = select_metrics(args.metrics, DEFAULT_METRICS, args.weights_dir)
         result = evaluate_reconstruction(
             {s.name: s for s in specs}, args.images, args.out, metrics=metrics, size=args.size,
             limit=args.limit, batch_size=args.batch_size, device=args.device,
             save_recon=args.save_recon, weights_dir=args.weights_dir,
             progress=not args.no_progress,
         )  # fmt: skip
-    except (MissingMetricWeights, ValueError, FileNotFoundError) as err:
+    except (
+        MissingMetricWeights, ValueError, FileNotFoundError, NotADirectoryError, ImageReadError
+    ) as err:  # fmt: skip
         sys.stderr.write(f"error: {err}\n")
         return 2
     for m in result["models"].values():
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     table += "".join(f"\nNote: {n}\n" for n in notes)
     out = Path(args.out)
-    write_outputs(out, rows, result, table)
+    write_report_files(out, rows, result, table)
     sys.stdout.write(table)
     sys.stdout.write(f"wrote {out / 'per_image.csv'}, {out / 'summary.json'}, {out / 'table.md'}\n")
     return 0

@@ -93,30 +93,6 @@ def match_lr(files: list[Path], lr: str) -> tuple[dict[Path, Path], list[str]]:
     return found, errors
 
 
-def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files to process (folders expanded, sorted) and error lines for missing paths."""
-    from ldm.data.image_io import broken_links, list_images
-
-    files: list[Path] = []
-    errors: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            broken = broken_links(p)
-            errors += [f"{b}: broken symbolic link (its target is missing)" for b in broken]
-            if not found and not broken:
-                errors.append(f"{p}: folder holds no images")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        elif p.is_symlink():
-            errors.append(f"{p}: broken symbolic link (its target is missing)")
-        else:
-            errors.append(f"{p}: no such file or folder")
-    return files, errors
-
-
 def output_names(files: list[Path], suffix: str) -> dict[Path, str]:
     """Output file name per input: ``stem + suffix``; inputs whose stems collide
     (``a.png``, ``a.jpg``; or the same name in two folders) get the extension and,
@@ -142,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
+    from ldm.autoencoders.loading import load_autoencoder
     from ldm.autoencoders.lr_guided import needs_lr_input, reconstruct_image_with_lr
     from ldm.autoencoders.reconstruct import reconstruct_image
-    from ldm.autoencoders.weights import load_autoencoder
     from ldm.checkpoint import CheckpointError
     from ldm.cli.outputs import OutputError, check_output_dir, refuse_inputs_as_outputs
     from ldm.config import ConfigError
-    from ldm.data.image_io import ImageReadError, check_write_suffix, read_image, write_image
+    from ldm.data.image_io import (
+        ImageReadError,
+        check_write_suffix,
+        collect_inputs,
+        read_image,
+        write_image,
+    )
 
     if args.config is None and args.ckpt is None:
         stderr_line("error: give --config (a preset or YAML) and/or --ckpt")

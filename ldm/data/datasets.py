@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image
+from ldm.data.image_io import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    list_images,
+    read_image,
+    to_uint8_hwc,
+)
 from ldm.data.resize import imresize_np, imresize_torch
 from ldm.registry import register
 
@@ -87,10 +93,6 @@ def collect_image_paths(source: PathLike | Sequence[PathLike]) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ image reading
-
-
-def _to_u8_hwc(img: torch.Tensor) -> np.ndarray:
-    return (img.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def _u8_to_signed(img_u8: np.ndarray) -> torch.Tensor:
@@ -208,7 +210,7 @@ def _lr_products(lr: torch.Tensor, hr_hw: tuple[int, int], use_u8: bool) -> dict
     """``lr`` float [3,h,w] in [0,1] -> lr, lr_up2, lr_up8 in [-1,1]."""
     h, w = lr.shape[-2:]
     if use_u8:
-        lr_u8 = _to_u8_hwc(lr)
+        lr_u8 = to_uint8_hwc(lr)
         up2 = imresize_np(lr_u8, output_shape=(2 * h, 2 * w))
         up8 = imresize_np(lr_u8, output_shape=hr_hw)
         return {
@@ -313,7 +315,7 @@ class SRFolderDataset(_SkippingDataset):
         if self.channel_shuffle:
             hr = hr[torch.randperm(3, generator=generator)]
         if self.uint8:  # the release's HR is 8-bit
-            hr = torch.from_numpy(_to_u8_hwc(hr)).permute(2, 0, 1).to(torch.float32) / 255.0
+            hr = torch.from_numpy(to_uint8_hwc(hr)).permute(2, 0, 1).to(torch.float32) / 255.0
         hr_hw = (hr.shape[-2], hr.shape[-1])
         lr_hw = (hr_hw[0] // self.scale, hr_hw[1] // self.scale)
         if self.degradation is not None:
@@ -323,7 +325,7 @@ class SRFolderDataset(_SkippingDataset):
                     f"degradation returned shape {tuple(lr.shape)}, expected {(3, *lr_hw)}"
                 )
         elif self.uint8:
-            lr_u8 = imresize_np(_to_u8_hwc(hr), output_shape=lr_hw)
+            lr_u8 = imresize_np(to_uint8_hwc(hr), output_shape=lr_hw)
             lr = torch.from_numpy(lr_u8).permute(2, 0, 1).to(torch.float32) / 255.0
         else:
             lr = imresize_torch(hr[None], output_shape=lr_hw)[0]
@@ -392,7 +394,7 @@ class PairedFolderDataset(_SkippingDataset):
         hr = hr[:, top * s : (top + ch) * s, left * s : (left + cw) * s]
         hr = _apply_flips(hr, hflip, vflip, transpose)
         if self.uint8:
-            hr = torch.from_numpy(_to_u8_hwc(hr)).permute(2, 0, 1).to(torch.float32) / 255.0
+            hr = torch.from_numpy(to_uint8_hwc(hr)).permute(2, 0, 1).to(torch.float32) / 255.0
         hr_hw = (hr.shape[-2], hr.shape[-1])
         return {
             "hr": hr * 2 - 1,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.data.image_io import to_uint8_hwc
 from ldm.registry import register
 
 __all__ = ["BASICSR_INSTALL_HINT", "import_basicsr", "DegradationStage", "RealESRGANDegradation"]
@@ -196,7 +197,7 @@ class RealESRGANDegradation:
         quality = int(rng.uniform(*stage.jpeg_range))
         out = []
         for img in x:
-            u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            u8 = to_uint8_hwc(img)
             ok, buf = cv2.imencode(".jpg", u8[:, :, ::-1], [int(cv2.IMWRITE_JPEG_QUALITY), quality])
             if not ok:
                 raise RuntimeError("OpenCV failed to JPEG-encode a degraded image")

@@ -1,11 +1,19 @@
-"""Reading and writing images: one place for formats, bit depths and atomic writes.
+"""Reading, listing, converting and writing images: the one place for formats, bit depths,
+the float -> uint8 rounding rule, input-folder expansion and atomic writes.
 
 ``read_image`` returns a float tensor ``[3, H, W]`` in ``[0, 1]`` for RGB,
 grayscale (replicated to 3 channels), RGBA / LA (alpha dropped, with a warning),
 palette, 16-bit PNG (full precision) and JPEG files. Anything else raises
 :class:`ImageReadError` with the path and the reason.
-``write_image`` writes to a temporary file in the target folder and renames it,
-so a crash never leaves a half-written image under the final name.
+``write_image`` writes to a temporary file in the target folder and renames it
+(:func:`ldm.atomic.atomic_write`), so a crash never leaves a half-written image under the
+final name.
+
+Rounding: :func:`to_uint8` is the one float -> 8-bit conversion: ``round(255 * clamp(x, 0,
+1))``, computed in float32 (float64 for float64 arrays), rounding half to even (``torch.round``
+/ ``np.around``), so the error is at most half a grey level. The one other rule in the code
+base is the release's truncation, kept for bit-exact comparisons with its saved outputs
+(:func:`moe_sr.color_fix.to_uint8_official`).
 """
 
 from __future__ import annotations
@@ -138,26 +146,42 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def _to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``[3, H, W]`` / ``[H, W, 3]`` / ``[H, W]`` floats in [0, 1] (or uint8) -> uint8 HWC."""
+def to_uint8(image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Floats in [0, 1] -> uint8 in [0, 255], same type, layout and device (uint8 input is
+    returned as it is): ``round(255 * clamp(x, 0, 1))``, half to even (see the module note)."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype == torch.uint8:
+            return image
+        if not image.is_floating_point():
+            raise ValueError(f"expected float pixels in [0, 1] or uint8, got {image.dtype}")
+        return (image.detach().to(torch.float32).clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind != "f":
+        raise ValueError(f"expected float pixels in [0, 1] or uint8, got {arr.dtype}")
+    return np.around(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``[3, H, W]`` / ``[1, 3, H, W]`` / ``[H, W, 3]`` / ``[H, W]`` floats in [0, 1] (or uint8)
+    -> a uint8 ``[H, W, 3]`` / ``[H, W]`` array on the CPU (:func:`to_uint8`'s rounding)."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.ndim == 4 and image.shape[0] == 1:
             image = image[0]
         if image.ndim == 3 and image.shape[0] in (1, 3):
             image = image.permute(1, 2, 0)
-        arr = image.numpy()
+        if image.dtype not in (torch.uint8,) and not image.is_floating_point():
+            raise ValueError(f"expected float pixels in [0, 1] or uint8, got {image.dtype}")
+        arr = to_uint8(image).numpy()
     else:
-        arr = np.asarray(image)
+        arr = to_uint8(np.asarray(image))
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise ValueError(f"expected an image [3,H,W], [H,W,3] or [H,W], got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype.kind != "f":
-        raise ValueError(f"expected float pixels in [0, 1] or uint8, got {arr.dtype}")
-    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return arr
 
 
 #: What :func:`write_image` writes, by extension: the Pillow format and its save options.
@@ -195,7 +219,7 @@ def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Pa
     from the suffix (:data:`WRITE_FORMATS`)."""
     path = Path(path)
     fmt, options = WRITE_FORMATS[check_write_suffix(path.suffix, what=str(path))]
-    arr = _to_uint8_hwc(image)
+    arr = to_uint8_hwc(image)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         Image.fromarray(arr).save(f, format=fmt, **options)
     return path
@@ -213,10 +237,40 @@ def broken_links(folder: str | os.PathLike) -> list[Path]:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in ``folder`` (by extension), sorted by name."""
+    """Image files directly in ``folder`` (by extension), sorted by name.
+
+    Raises ``FileNotFoundError`` for a missing folder, ``NotADirectoryError`` for a file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise NotADirectoryError(f"{folder}: not a folder")
+        if folder.exists():
+            raise NotADirectoryError(f"{folder}: not a folder")
+        raise FileNotFoundError(f"image folder not found: {folder}")
     return sorted(
         p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
+
+
+def collect_inputs(
+    inputs: list[str | os.PathLike], *, empty_folders_ok: bool = False
+) -> tuple[list[Path], list[str]]:
+    """The input images named on a command line: files as given, folders expanded
+    (:func:`list_images`), in order; and one error line per missing path, broken symbolic
+    link or (unless ``empty_folders_ok``) folder without images."""
+    files: list[Path] = []
+    errors: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            broken = broken_links(p)
+            errors += [f"{b}: broken symbolic link (its target is missing)" for b in broken]
+            if not found and not broken and not empty_folders_ok:
+                errors.append(f"{p}: folder holds no images")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        elif p.is_symlink():
+            errors.append(f"{p}: broken symbolic link (its target is missing)")
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return files, errors

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ldm.data.image_io import to_uint8
 from ldm.data.resize import imresize_np
 
 __all__ = [
@@ -80,7 +81,7 @@ def lr_to_uint8_hwc(lr: np.ndarray | torch.Tensor) -> np.ndarray:
             f"float LR image must be in [0, 1], got [{arr.min():.4g}, {arr.max():.4g}]; "
             "pass uint8 values or divide by 255"
         )
-    return np.around(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return to_uint8(arr)
 
 
 def uint8_to_signed(img_u8: np.ndarray) -> torch.Tensor:

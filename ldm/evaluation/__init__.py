@@ -5,7 +5,7 @@
 """
 
 from ldm.evaluation.evaluate import evaluate
+from ldm.evaluation.metric_weights import MissingMetricWeights
 from ldm.evaluation.report import Report
-from ldm.evaluation.weights import MissingMetricWeights
 
 __all__ = ["MissingMetricWeights", "Report", "evaluate"]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm.data.image_io import to_uint8_hwc
+
 Crop = tuple[int, int, int, int]
 
 
@@ -56,7 +58,7 @@ def _upscale_nearest(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _pil(img: torch.Tensor) -> Image.Image:
-    return Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy())
+    return Image.fromarray(to_uint8_hwc(img))
 
 
 def _font(size: int):

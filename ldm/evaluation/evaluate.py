@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ldm.data.image_io import list_images, read_image
 from ldm.evaluation import fid as fid_mod
-from ldm.evaluation.io import list_images, match_folders, read_rgb
+from ldm.evaluation.io import match_folders
 from ldm.evaluation.metrics import PyiqaMetric, check_available, metric_spec
 from ldm.evaluation.report import Report
 
@@ -51,11 +52,11 @@ def evaluate(
         crop_border: pixels removed on each side before psnr/ssim.
         y_channel: psnr/ssim on the BT.601 Y channel instead of RGB.
         device: torch device (default cpu).
-        weights_dir: offline metric weights folder (see :mod:`ldm.evaluation.weights`).
+        weights_dir: offline metric weights folder (see :mod:`ldm.evaluation.metric_weights`).
         names: image names for tensor inputs (default ``"0", "1", ...``).
 
     Every metric's weights are checked before any image is read; a missing file raises
-    :class:`~ldm.evaluation.weights.MissingMetricWeights`. Returns a :class:`Report` with
+    :class:`~ldm.evaluation.metric_weights.MissingMetricWeights`. Returns a :class:`Report` with
     per-image rows, means and each metric's direction.
     """
     metrics = list(dict.fromkeys(metrics))
@@ -90,7 +91,11 @@ def evaluate(
         )
     if not tensors:
         items = [
-            (p.name, lambda p=p: read_rgb(p), (lambda r=r: read_rgb(r)) if r is not None else None)
+            (
+                p.name,
+                lambda p=p: read_image(p),
+                (lambda r=r: read_image(r)) if r is not None else None,
+            )
             for p, r in pairs
         ]
 

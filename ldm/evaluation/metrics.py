@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.evaluation import weights as W
+from ldm.evaluation import metric_weights as W
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def metric_spec(name: str) -> MetricSpec:
 def check_available(names: list[str] | tuple[str, ...], weights_dir=None) -> None:
     """Prepare every metric's offline weights; raise before any work if one is missing.
 
-    Raises :class:`ldm.evaluation.weights.MissingMetricWeights` (a ``FileNotFoundError``) naming
+    Raises :class:`ldm.evaluation.metric_weights.MissingMetricWeights` (a ``FileNotFoundError``) naming
     the metric, the file and where it was looked for.
     """
     for name in names:

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.atomic import atomic_write
+from ldm.data.image_io import list_images, read_image, to_uint8, to_uint8_hwc, write_image
 from ldm.evaluation.evaluate import evaluate
-from ldm.evaluation.io import list_images, read_rgb
 from ldm.evaluation.metrics import metric_spec
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def center_crop_protocol(img: torch.Tensor, size: int = 256) -> torch.Tensor:
         img = F.interpolate(img[None], size=(nh, nw), mode="bicubic", antialias=True)[0]
     top, left = (nh - size) // 2, (nw - size) // 2
     img = img[:, top : top + size, left : left + size].clamp(0, 1)
-    return (img * 255).round() / 255
+    return to_uint8(img).to(torch.float32) / 255
 
 
 def needs_lr_input(model: nn.Module) -> bool:
@@ -63,7 +62,7 @@ def lr_up_input(x: torch.Tensor, factor: int = LR_FACTOR) -> torch.Tensor:
 
     outs = []
     for img in x:
-        u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        u8 = to_uint8_hwc(img)
         lr = imresize(u8, scale=1 / factor)
         outs.append(make_sr_inputs(lr, factor).vae_enc_input_x8)
     return torch.cat(outs)
@@ -108,7 +107,7 @@ class ModelSpec:
         return cls(name, config or None, ckpt or None)
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
-        from ldm.autoencoders.weights import load_autoencoder
+        from ldm.autoencoders.loading import load_autoencoder
 
         if self.ckpt is None:
             raise ValueError(f"model {self.name!r}: no checkpoint given")
@@ -121,10 +120,6 @@ def prepare_references(
     image_dir: Path, out_dir: Path, *, size: int = 256, limit: int | None = None
 ) -> list[Path]:
     """Protocol crops of the first ``limit`` images (sorted names) as PNG in ``out_dir`` (reused)."""
-    from PIL import Image
-
-    from ldm.evaluation.io import to_uint8
-
     files = list_images(image_dir)
     if not files:
         raise ValueError(f"no images found in {image_dir}")
@@ -135,10 +130,7 @@ def prepare_references(
     for f in files:
         dst = out_dir / f"{f.stem}.png"
         if not dst.is_file():
-            with atomic_write(dst) as tmp:
-                Image.fromarray(to_uint8(center_crop_protocol(read_rgb(f), size))).save(
-                    tmp, format="PNG"
-                )
+            write_image(center_crop_protocol(read_image(f), size), dst)
         refs.append(dst)
     return refs
 
@@ -153,10 +145,6 @@ def reconstruct_folder(
     desc: str = "reconstruct",
 ) -> list[Path]:
     """Reconstruct ``refs`` into ``out_dir`` (same names); already-present files are reused."""
-    from PIL import Image
-
-    from ldm.evaluation.io import to_uint8
-
     out_dir.mkdir(parents=True, exist_ok=True)
     outs = [out_dir / r.name for r in refs]
     todo = [i for i, o in enumerate(outs) if not o.is_file()]
@@ -168,11 +156,10 @@ def reconstruct_folder(
 
         batches = tqdm(batches, desc=desc, unit="batch")
     for batch in batches:
-        x = torch.stack([read_rgb(refs[i]) for i in batch])
+        x = torch.stack([read_image(refs[i]) for i in batch])
         y = reconstruct(model, x).cpu()
         for j, i in enumerate(batch):
-            with atomic_write(outs[i]) as tmp:
-                Image.fromarray(to_uint8(y[j])).save(tmp, format="PNG")
+            write_image(y[j], outs[i])
     return outs
 
 

@@ -237,8 +237,7 @@ class AutoencoderGANModule(L.LightningModule):
             if use_stored:
                 z = batch[hp.latent_key].float() / float(getattr(self.model, "scale_factor", 1.0))
             else:
-                enc = self.model.encode(hr)
-                z = enc.sample() if hasattr(enc, "sample") else enc
+                z = self.model.encode_latent(hr, sample=True)
         with torch.no_grad():
             skips = None
             if hp.use_lr_features:
@@ -248,14 +247,12 @@ class AutoencoderGANModule(L.LightningModule):
                     )
                 skips = self.model.encode(batch[hp.lr_key].float(), return_features=True)[1]
         codebook = hr.new_zeros(())
-        if hasattr(self.model, "quantize"):
+        if hasattr(self.model, "quantize"):  # VQ: quantise here for the codebook loss
             z_q, codebook, indices = self.model.quantize(z)
             if codebook_stats is not None:
                 codebook_stats.update(self._codebook_step(z, indices))
-            x_rec = self.model.decode(z_q, skips=skips, quantize=False)
-        else:
-            x_rec = self.model.decode(z, skips=skips)
-        return x_rec, codebook
+            z = z_q
+        return self.model.decode(z, skips=skips, quantize=False), codebook
 
     def _codebook_step(self, z: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
         from ldm.training.codebook import perplexity

@@ -14,9 +14,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
 from torchvision.utils import make_grid
 
+from ldm.atomic import write_text
+from ldm.data.image_io import to_uint8_hwc, write_image
 from ldm.registry import register
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def to_uint8_grid(rows: list[torch.Tensor], nrow: int) -> np.ndarray:
     """Images in [-1, 1] (concatenated along the batch) -> one HWC uint8 grid."""
     x = torch.cat([r.detach().float().cpu() for r in rows], dim=0)
     grid = make_grid(((x.clamp(-1, 1) + 1) / 2), nrow=nrow, padding=2, pad_value=1.0)
-    return (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return to_uint8_hwc(grid)
 
 
 class ImageLogger(L.Callback):
@@ -83,7 +84,7 @@ class ImageLogger(L.Callback):
         grid = to_uint8_grid(rows, nrow=len(cols))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step-{step:06d}.png"
-        Image.fromarray(grid).save(path)
+        write_image(grid, path)
         logger.info("image log: %s (%s)", path, " | ".join(images))
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
@@ -135,7 +136,7 @@ class ReplicaDigest(L.Callback):
             "digest": parameter_digest(pl_module),
         }
         path = self.out_dir / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(info, indent=1))
+        write_text(path, json.dumps(info, indent=1))
 
 
 class ReseedPerRank(L.Callback):
@@ -196,4 +197,4 @@ class StepTimer(L.Callback):
         res = self.summary()
         logger.info("step timing: %s", res)
         if self.out:
-            Path(self.out).write_text(json.dumps(res, indent=1))
+            write_text(self.out, json.dumps(res, indent=1))

@@ -73,20 +73,9 @@ def freeze(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def encode_to_latent(first_stage: nn.Module, x: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    """``scale_factor * z`` with ``z`` the VQ pre-quantisation latent or a KL posterior sample."""
-    enc = first_stage.encode(x)
-    if isinstance(enc, tuple):  # (latent, features) when return_features is on by default
-        enc = enc[0]
-    if isinstance(enc, torch.Tensor):
-        z = enc
-    elif hasattr(enc, "sample"):
-        z = enc.sample()
-    else:
-        raise TypeError(
-            f"{type(first_stage).__name__}.encode returned {type(enc).__name__}; expected a "
-            "tensor (VQ pre-quantisation latent) or a posterior with .sample() (KL)"
-        )
-    return scale_factor * z
+    """``scale_factor * z`` with ``z`` the VQ pre-quantisation latent or a KL posterior sample
+    (``encode_latent(x, sample=True)``)."""
+    return scale_factor * first_stage.encode_latent(x, sample=True)
 
 
 @torch.no_grad()

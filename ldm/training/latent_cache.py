@@ -53,10 +53,7 @@ def cache_latents(
         path = out / (Path(item["path"]).stem + ".safetensors")
         if path.exists() and not overwrite:
             continue
-        enc = first_stage.encode(item[hr_key][None].float().to(device))
-        if isinstance(enc, tuple):
-            enc = enc[0]
-        z = enc if isinstance(enc, torch.Tensor) else enc.mode()
+        z = first_stage.encode_latent(item[hr_key][None].float().to(device))  # KL: the mean
         with atomic_write(path) as tmp:
             save_file(
                 {"latent": z[0].float().cpu().contiguous()},

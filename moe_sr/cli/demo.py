@@ -135,17 +135,11 @@ def _load_pipeline(args: argparse.Namespace, weights: str | None, device):
 
 
 def _inputs(items: list[str]) -> list[Path]:
-    from ldm.data.image_io import list_images
+    from ldm.data.image_io import collect_inputs
 
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            files += list_images(p)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DemoError(f"input {p} does not exist")
+    files, errors = collect_inputs(items, empty_folders_ok=True)
+    if errors:
+        raise DemoError("; ".join(errors))
     if not files:
         raise DemoError(f"no images in {items}")
     return files

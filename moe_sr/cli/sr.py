@@ -208,9 +208,8 @@ def run(args: argparse.Namespace) -> int:
     """SR of ``args.input`` into ``args.output`` (the options of :func:`build_parser`); the
     exit status: 0 done, 1 some image failed, 2 bad config or weights."""
     from ldm.cli.outputs import OutputError, check_output_dir, refuse_inputs_as_outputs
-    from ldm.cli.reconstruct import collect_inputs
     from ldm.config import ConfigError, dump
-    from ldm.data.image_io import LOSSY_EXTENSIONS
+    from ldm.data.image_io import LOSSY_EXTENSIONS, collect_inputs
     from moe_sr.distributed import Shard
 
     try:
