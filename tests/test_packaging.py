@@ -47,6 +47,36 @@ def _setup_requirements() -> dict[str, str]:
     return {name.lower(): spec for name, spec in reqs}
 
 
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level packages imported at module level (not inside a function: a lazy import)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, (ast.If, ast.Try, ast.With, ast.ClassDef)):
+            todo += [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return names
+
+
+def test_lightning_only_in_the_training_layer():
+    """Lightning is imported only by ldm/training; the CLIs import it lazily (in functions)."""
+    bad = []
+    for pkg in ("ldm", "fa_vae", "moe_sr"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            rel = path.relative_to(ROOT)
+            if rel.parts[:2] == ("ldm", "training"):
+                continue
+            hit = _module_level_imports(path) & {"lightning", "pytorch_lightning"}
+            if hit:
+                bad.append(f"{rel} imports {sorted(hit)} at module level")
+    assert not bad, bad
+
+
 def test_environment_yaml_matches_setup():
     env = yaml.safe_load((ROOT / "environment.yaml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
