@@ -234,7 +234,7 @@ class SRRunner:
         clock = time.perf_counter()
         result = pipe(
             lr, sampler=settings.sampler, steps=settings.steps, seed=settings.seed,
-            eta=settings.eta if settings.sampler == "ddim" else None,  # solvers: deterministic
+            eta=settings.sampler_eta,
             color_fix=settings.color_fix, callback=on_step,
         )  # fmt: skip
         seconds = time.perf_counter() - clock

@@ -114,6 +114,11 @@ class RunSettings:
             sampler=_one_of(form.get("sampler", "ddim"), SAMPLERS, "sampler"),
         )
 
+    @property
+    def sampler_eta(self) -> float | None:
+        """The eta the sampler takes: DDIM's, ``None`` for the deterministic solvers."""
+        return self.eta if self.sampler == "ddim" else None
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -168,7 +173,7 @@ def cli_command(model_args: Sequence[str], settings: RunSettings, input_name: st
         settings.sampler,
         "--steps",
         str(settings.steps),
-        *(["--eta", f"{settings.eta:g}"] if settings.sampler == "ddim" else []),
+        *([] if settings.sampler_eta is None else ["--eta", f"{settings.sampler_eta:g}"]),
         "--seed",
         str(settings.seed),
         "--color-fix",
