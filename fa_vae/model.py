@@ -14,7 +14,9 @@ Parameter names equal the released ``fa_vae.pth`` files.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +40,11 @@ def _checked_ddconfig(ddconfig: Mapping[str, Any], **owned: Any) -> dict[str, An
     return {**dict(ddconfig), **owned}
 
 
+#: State-dict prefixes of the FA parts (everything else is the base LDM autoencoder); the
+#: models carry them as ``fa_part_prefixes`` (what the FA training trains by default).
+FA_PART_PREFIXES = ("decoder.fusion_layer_", "decoder.unet_1.")
+
+
 def _set_decoder_modes(decoder: FADecoder, fusion_w: float, release_train_mode: bool) -> None:
     decoder.fusion_w = float(fusion_w)
     decoder.release_train_mode = bool(release_train_mode)
@@ -58,6 +65,7 @@ class FAVQModel(VQModel):
     """
 
     decoder_class = FADecoder
+    fa_part_prefixes = FA_PART_PREFIXES
 
     def __init__(
         self,
@@ -114,6 +122,7 @@ class FAKLModel(AutoencoderKL):
     """
 
     decoder_class = FADecoder
+    fa_part_prefixes = FA_PART_PREFIXES
 
     def __init__(
         self,
@@ -130,10 +139,6 @@ class FAKLModel(AutoencoderKL):
     def frequency_parameters(self) -> list[nn.Parameter]:
         """Parameters of ``unet_1`` (the part the release trains)."""
         return self.decoder.frequency_parameters()
-
-
-#: State-dict prefixes of the FA parts (everything else is the base LDM autoencoder).
-FA_PART_PREFIXES = ("decoder.fusion_layer_", "decoder.unet_1.")
 
 
 def base_autoencoder(model: FAVQModel) -> VQModel:
@@ -160,3 +165,35 @@ def base_autoencoder(model: FAVQModel) -> VQModel:
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(FA_PART_PREFIXES)}
     base.load_state_dict(state, strict=True)
     return base.to(next(model.parameters()).device).eval()
+
+
+def fa_vae_from_autoencoder(
+    autoencoder: str | os.PathLike,
+    fa_config: str | os.PathLike | Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+) -> Path:
+    """The inverse of :func:`base_autoencoder` for files: an FA-VAE safetensors file from a plain
+    VQ autoencoder file (ours, config in the metadata), same base weights, FA parts at their
+    (seeded) initialisation. The demo recipe samples latents with it before the FA parts train.
+    """
+    from ldm.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
+    from ldm.config import instantiate, load_config, to_plain
+
+    base = load_pretrained(autoencoder, kinds=("autoencoder",)).state_dict()
+    cfg = to_plain(fa_config if isinstance(fa_config, Mapping) else load_config(fa_config))
+    torch.manual_seed(seed)
+    model = instantiate(cfg)
+    prefixes = getattr(model, "fa_part_prefixes", FA_PART_PREFIXES)
+    own = model.state_dict()
+    missing = [k for k in own if k not in base and not k.startswith(prefixes)]
+    unexpected = [k for k in base if k not in own]
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{autoencoder} is not the base of {cfg.get('target')}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    own.update(base)
+    model.load_state_dict(own, strict=True)
+    return save_pretrained(model.eval(), out, cfg)

@@ -11,7 +11,7 @@ For each held-out HR photograph (LR = its MATLAB-bicubic x1/8) this measures
   usage on the held-out images;
 
 and checks them against :data:`TARGETS`, per image and on the mean. ``python -m
-moe_sr.cli.demo_recipe evaluate`` runs it; ``tests/test_demo_quality.py`` runs it on one image.
+moe_sr.cli.demo_recipe evaluate`` runs it; ``tests/test_demo.py`` runs it on one image.
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ def _chw01(img_u8: np.ndarray) -> torch.Tensor:
 
 
 def _as_8bit(x: torch.Tensor) -> torch.Tensor:
-    """Scores of the image as saved: rounded to 8 bits."""
-    return (x.clamp(0, 1) * 255).round() / 255
+    """Scores of the image as saved: rounded to 8 bits (:func:`ldm.data.image_io.to_uint8`)."""
+    from ldm.data.image_io import to_uint8
+
+    return to_uint8(x).float() / 255
 
 
 @torch.no_grad()
@@ -156,7 +158,7 @@ def _border(img: torch.Tensor) -> int:
 
 def holdout_pairs(holdout_dir: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(name, hr, lr)`` of every ``hr/*.png`` with its ``lr/`` twin in ``holdout_dir``."""
-    from PIL import Image
+    from ldm.data.image_io import read_image, to_uint8_hwc
 
     holdout_dir = Path(holdout_dir)
     hr_paths = sorted((holdout_dir / "hr").glob("*.png"))
@@ -164,8 +166,7 @@ def holdout_pairs(holdout_dir: str | Path) -> list[tuple[str, np.ndarray, np.nda
         raise FileNotFoundError(f"no held-out images in {holdout_dir}/hr: run prepare-data")
 
     def read(p: Path) -> np.ndarray:
-        with Image.open(p) as f:
-            return np.asarray(f.convert("RGB"))
+        return to_uint8_hwc(read_image(p))
 
     return [(p.stem, read(p), read(holdout_dir / "lr" / p.name)) for p in hr_paths]
 

@@ -7,10 +7,10 @@
    ``<root>/train/{hr,lr}``, ``<root>/holdout/{hr,lr}`` (never trained on) and
    ``<root>/fa_crops/{hr,lr}`` (fixed training crops on which the experts generate the latents
    that the FA decoder is fine-tuned on). Deterministic: same files on every run.
-2. :func:`export_autoencoder` turns an ``autoencoder_gan`` training checkpoint into one of our
-   safetensors files (config in the metadata).
-3. :func:`release_copy` writes the float16 copies that ``assets/demo`` holds; the held-out
-   evaluation is :mod:`moe_sr.demo_eval`.
+2. the exports (autoencoder and stage expert checkpoints -> safetensors, the float16 release
+   copies that ``assets/demo`` holds) are :mod:`moe_sr.export`, the FA-VAE start from the plain
+   autoencoder :func:`fa_vae.model.fa_vae_from_autoencoder`, the held-out evaluation
+   :mod:`moe_sr.demo_eval`.
 
 :func:`make_examples` cuts the small LR / HR example pairs bundled in ``assets/examples``.
 """
@@ -21,10 +21,8 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -147,22 +145,16 @@ def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
     return img
 
 
-def _save_png(img: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(img).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _write_pairs(folder: Path, images: Mapping[str, np.ndarray]) -> list[Path]:
+    """``folder/hr/<stem>.png`` (trimmed to a multiple of 8) and its x1/8 ``folder/lr/<stem>.png``
+    for every image; returns the HR paths."""
+    from ldm.data.image_io import write_image
+
     out = []
     for stem, hr in images.items():
         hr = trim_to_multiple(hr)
-        _save_png(hr, folder / "hr" / f"{stem}.png")
-        _save_png(downscale(hr), folder / "lr" / f"{stem}.png")
-        out.append(folder / "hr" / f"{stem}.png")
+        out.append(write_image(hr, folder / "hr" / f"{stem}.png"))
+        write_image(downscale(hr), folder / "lr" / f"{stem}.png")
     return out
 
 
@@ -203,6 +195,8 @@ def prepare_demo_data(
     Files are rewritten on every call (the content is deterministic), so a partial earlier run
     is repaired. The held-out photographs never enter ``train`` or ``fa_crops``.
     """
+    from ldm.atomic import write_text
+
     root = Path(root)
     train = {stem: _shrink(package_photo(src), max_side) for stem, src in TRAIN_IMAGES}
     holdout = {stem: package_photo(src) for stem, src in HOLDOUT_IMAGES}
@@ -223,9 +217,10 @@ def prepare_demo_data(
         ("epoch.txt", [p.name for p in out["train"]], "every training photograph"),
         ("colour.txt", colour, "the colour training photographs"),
     ):
-        (root / "train" / name).write_text(
+        write_text(
+            root / "train" / name,
             f"# {what}, repeated (see moe_sr.demo_recipe.prepare_demo_data)\n"
-            + "".join(f"hr/{f}\n" for f in files * repeats)
+            + "".join(f"hr/{f}\n" for f in files * repeats),
         )
     logger.info(
         "demo data in %s: %d train, %d held-out, %d FA crops",
@@ -242,97 +237,11 @@ def make_examples(
     """Held-out HR crops (``hr/<name>.png``) and their x1/8 LR images (``lr/<name>.png``)."""
     out_dir = Path(out_dir)
     photos = dict(HOLDOUT_IMAGES)
-    written = []
+    cut = {}
     for stem, top, left in crops:
         if stem not in photos:
             raise ValueError(f"{stem} is not a held-out photograph ({sorted(photos)})")
-        hr = package_photo(photos[stem])[top : top + size, left : left + size]
-        if hr.shape[:2] != (size, size):
+        cut[stem] = package_photo(photos[stem])[top : top + size, left : left + size]
+        if cut[stem].shape[:2] != (size, size):
             raise ValueError(f"crop ({top}, {left}, {size}) does not fit {stem}")
-        _save_png(hr, out_dir / "hr" / f"{stem}.png")
-        _save_png(downscale(hr), out_dir / "lr" / f"{stem}.png")
-        written.append(out_dir / "lr" / f"{stem}.png")
-    return written
-
-
-# --------------------------------------------------------------------------- exports
-
-
-def export_autoencoder(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """``autoencoder_gan`` Lightning checkpoint -> our safetensors (``model.*``, config inside)."""
-    from ldm.checkpoint import (
-        CheckpointError,
-        load_state_dict_strict,
-        save_pretrained,
-        select_prefix,
-    )
-    from ldm.config import instantiate, to_plain
-
-    try:
-        obj = torch.load(str(ckpt), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointError(
-            f"{ckpt} could not be loaded safely (weights_only=True): {str(err).splitlines()[0]}"
-        ) from None
-    hp = obj.get("hyper_parameters") or {}
-    if "autoencoder" not in hp or "state_dict" not in obj:
-        raise CheckpointError(
-            f"{ckpt} is not an autoencoder_gan training checkpoint (no hyper_parameters."
-            "autoencoder / state_dict); give <run>/checkpoints/last.ckpt of such a run"
-        )
-    config = to_plain(hp["autoencoder"])
-    model = instantiate(config)
-    load_state_dict_strict(model, select_prefix(obj["state_dict"], "model."), what=str(ckpt))
-    return save_pretrained(model.eval(), out, config)
-
-
-FA_PARTS = ("decoder.fusion_layer_", "decoder.unet_1.")
-
-
-def release_copy(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float16") -> Path:
-    """Copy one of our safetensors files with its floating-point tensors cast to ``dtype``
-    (metadata kept; loaders cast back to the model's dtype). Halves the size of a release."""
-    from safetensors.torch import load_file, save_file
-
-    from ldm.checkpoint import read_safetensors_metadata
-
-    target = getattr(torch, dtype)
-    tensors = {
-        k: v.to(target) if v.is_floating_point() else v for k, v in load_file(str(src)).items()
-    }
-    meta = read_safetensors_metadata(src)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, dst)
-    return dst
-
-
-def fa_vae_from_autoencoder(
-    autoencoder: str | os.PathLike,
-    fa_config: str | os.PathLike | Mapping[str, Any],
-    out: str | os.PathLike,
-    *,
-    seed: int = 0,
-) -> Path:
-    """An FA-VAE file from a plain VQ autoencoder file: same base weights, FA parts at their
-    (seeded) init. Step (d) uses it to generate latents (their decoding is discarded)."""
-    from ldm.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
-    from ldm.config import instantiate, load_config, to_plain
-
-    base = load_pretrained(autoencoder, kinds=("autoencoder",)).state_dict()
-    cfg = to_plain(fa_config if isinstance(fa_config, Mapping) else load_config(fa_config))
-    torch.manual_seed(seed)
-    model = instantiate(cfg)
-    own = model.state_dict()
-    missing = [k for k in own if k not in base and not k.startswith(FA_PARTS)]
-    unexpected = [k for k in base if k not in own]
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{autoencoder} is not the base of {cfg.get('target')}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    own.update(base)
-    model.load_state_dict(own, strict=True)
-    return save_pretrained(model.eval(), out, cfg)
+    return [out_dir / "lr" / p.name for p in _write_pairs(out_dir, cut)]

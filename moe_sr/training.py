@@ -1,5 +1,5 @@
-"""Per-stage expert training helpers: the LDM-4x-SR -> stage expert key map and the stage expert
-export.
+"""Per-stage expert training helpers: the LDM-4x-SR -> stage expert key map (the stage expert
+export is :func:`moe_sr.export.export_stage_expert`).
 
 The training itself is ``ldm``'s diffusion training (``configs/train/sr8x_stage.yaml``): the
 ``stage_timesteps`` sampler (:mod:`moe_sr.stages`) restricts ``t`` to the stage's interval, EWA
@@ -11,27 +11,18 @@ module adds what is specific to the method:
   after each attention block, at index 2 of its block, so every later layer of that block moves
   up by one (``middle_block.2`` -> ``middle_block.3``, ``output_blocks.2.2`` (upsample) ->
   ``output_blocks.2.3``). The FFN-MoE layers themselves are new and keep their initialisation.
-* :func:`export_stage_expert`: a Lightning checkpoint of a stage run -> one safetensors file with
-  the EMA UNet weights, the UNet config, the stage index and the timestep interval
-  (``moe_sr.checkpoints.save_expert`` format, loadable by the SR pipeline).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_state_dict_strict, load_torch_file
-from ldm.config import ConfigError, instantiate
+from ldm.config import ConfigError
 from ldm.registry import register
-from moe_sr.checkpoints import save_expert
-from moe_sr.stages import StageTimestepSampler
 
 logger = logging.getLogger(__name__)
 
@@ -89,67 +80,3 @@ class LDMSR4xToExpertKeyMap:
             len(positions),
         )
         return mapped, new_keys
-
-
-def _load_lightning_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return load_torch_file(path, map_location="cpu")
-
-
-def export_stage_expert(
-    ckpt: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    weights: str = "ema",
-) -> Path:
-    """Write the EMA UNet of a stage-expert training checkpoint as our stage expert safetensors.
-
-    The UNet config and the stage come from the checkpoint's hyper-parameters (the
-    ``diffusion_sr`` module's ``unet`` and ``timestep_sampler``), so the metadata cannot
-    disagree with what was trained.
-    """
-    from ldm.training.init_weights import unet_weights_from_state_dict
-
-    ckpt = Path(ckpt)
-    obj = _load_lightning_checkpoint(ckpt)
-    hp = obj.get("hyper_parameters") or {}
-    if not isinstance(hp, Mapping) or "unet" not in hp or "state_dict" not in obj:
-        raise CheckpointError(
-            f"{ckpt} is not a diffusion_sr training checkpoint (no hyper_parameters.unet / "
-            "state_dict)"
-        )
-    sampler_cfg = hp.get("timestep_sampler")
-    if not sampler_cfg or sampler_cfg.get("target") != "stage_timesteps":
-        raise ConfigError(
-            f"{ckpt} was not trained as a stage expert (timestep_sampler is {sampler_cfg!r}, "
-            "not stage_timesteps): nothing says which stage it serves"
-        )
-    sampler = instantiate(sampler_cfg)
-    assert isinstance(sampler, StageTimestepSampler)
-    unet_cfg = hp["unet"]
-    unet = instantiate(unet_cfg)
-    sd = unet_weights_from_state_dict(obj["state_dict"], weights=weights)
-    load_state_dict_strict(unet, sd, what=f"{ckpt} ({weights} UNet)")
-    path = save_expert(
-        unet,
-        out,
-        config=unet_cfg,
-        stage=sampler.stage,
-        num_stages=sampler.stages.num_stages,
-        t_range=sampler.interval,
-        metadata={
-            "moe_sr.boundaries": list(sampler.stages.boundaries),
-            "moe_sr.global_step": int(obj.get("global_step", -1)),
-            "moe_sr.weights": weights,
-        },
-    )
-    logger.info(
-        "exported stage %d expert (t in [%d, %d), %s weights, step %s) to %s",
-        sampler.stage,
-        *sampler.interval,
-        weights,
-        obj.get("global_step"),
-        path,
-    )
-    return path

@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from fa_vae.model import fa_vae_from_autoencoder
 from ldm.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from ldm.config import CONFIG_ROOT, instantiate, load_config, to_plain
 from ldm.data.resize import imresize
 from moe_sr import demo_recipe
 from moe_sr.checkpoints import save_expert
 from moe_sr.cli.demo import main as demo_main
+from moe_sr.export import export_autoencoder, release_copy
 
 REPO = CONFIG_ROOT.parent
 DEMO_WEIGHTS = REPO / "assets" / "demo"
@@ -102,13 +104,13 @@ def test_export_autoencoder_roundtrip_and_wrong_checkpoint(tmp_path):
     state["discriminator.main.0.weight"] = torch.zeros(1)
     ckpt = tmp_path / "last.ckpt"
     torch.save({"hyper_parameters": {"autoencoder": to_plain(cfg)}, "state_dict": state}, ckpt)
-    out = demo_recipe.export_autoencoder(ckpt, tmp_path / "ae.safetensors")
+    out = export_autoencoder(ckpt, tmp_path / "ae.safetensors")
     loaded = load_pretrained(out)
     for k, v in vae.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
     torch.save({"state_dict": state}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="not an autoencoder_gan"):
-        demo_recipe.export_autoencoder(tmp_path / "other.ckpt", tmp_path / "x.safetensors")
+        export_autoencoder(tmp_path / "other.ckpt", tmp_path / "x.safetensors")
 
 
 def test_fa_vae_from_plain_autoencoder(tmp_path):
@@ -116,7 +118,7 @@ def test_fa_vae_from_plain_autoencoder(tmp_path):
     plain_cfg = load_config("autoencoder/vq_f4_tiny")
     plain = instantiate(plain_cfg)
     path = save_pretrained(plain, tmp_path / "vq.safetensors", plain_cfg)
-    out = demo_recipe.fa_vae_from_autoencoder(path, TINY_VAE, tmp_path / "fa.safetensors")
+    out = fa_vae_from_autoencoder(path, TINY_VAE, tmp_path / "fa.safetensors")
     fa = load_pretrained(out)
     assert type(fa).__name__ == "FAVQModel"
     fa_sd = fa.state_dict()
@@ -124,7 +126,7 @@ def test_fa_vae_from_plain_autoencoder(tmp_path):
         torch.testing.assert_close(fa_sd[k], v, rtol=0, atol=0)
     assert any(k.startswith("decoder.unet_1.") for k in fa_sd)
     with pytest.raises(CheckpointError, match="is not the base of"):
-        demo_recipe.fa_vae_from_autoencoder(path, "demo/autoencoder", tmp_path / "x.safetensors")
+        fa_vae_from_autoencoder(path, "demo/autoencoder", tmp_path / "x.safetensors")
 
 
 # --------------------------------------------------------------------------- demo CLI
@@ -257,7 +259,7 @@ def test_targets_hold_per_image_and_the_mean_grid_check_averages_ratios():
 
 def test_release_copy_halves_and_loads_back(tmp_path, tiny_weights):
     src = tiny_weights / "fa_vae.safetensors"
-    dst = demo_recipe.release_copy(src, tmp_path / "fa_vae.safetensors")
+    dst = release_copy(src, tmp_path / "fa_vae.safetensors")
     assert dst.stat().st_size < 0.6 * src.stat().st_size
     a, b = load_pretrained(src), load_pretrained(dst)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):

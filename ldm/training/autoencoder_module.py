@@ -39,9 +39,6 @@ from ldm.training.gan_losses import (
 
 logger = logging.getLogger(__name__)
 
-#: The FA parts of the VQ-f4 / KL-f8 FA-VAE decoders (the release trains only these).
-FA_PARTS = ("decoder.fusion_layer_", "decoder.unet_1.")
-
 
 @register("autoencoder_gan")
 class AutoencoderGANModule(L.LightningModule):
@@ -53,8 +50,10 @@ class AutoencoderGANModule(L.LightningModule):
             then missing and keep their init, which ``init_missing_prefixes`` must allow).
         ckpt_prefix: key prefix inside ``ckpt`` (``first_stage_model.`` for an LDM model).
         init_missing_prefixes: key prefixes that may be absent from ``ckpt`` (default: the FA
-            parts, so a plain LDM autoencoder checkpoint initialises the base).
-        trainable: parameter-name prefixes that train; everything else is frozen.
+            parts, the model's ``fa_part_prefixes``, so a plain LDM autoencoder checkpoint
+            initialises the base).
+        trainable: parameter-name prefixes that train; everything else is frozen (default: the
+            FA parts).
         use_lr_features: feed the encoder features of ``lr_up8`` to the decoder (VQ-f4 FA).
         latent_key, hr_key, lr_key: batch keys.
         base_learning_rate: LDM base rate (scaled by the run like the diffusion training).
@@ -84,8 +83,8 @@ class AutoencoderGANModule(L.LightningModule):
         autoencoder: Mapping[str, Any],
         ckpt: str | None = None,
         ckpt_prefix: str = "",
-        init_missing_prefixes: Sequence[str] = FA_PARTS,
-        trainable: Sequence[str] = FA_PARTS,
+        init_missing_prefixes: Sequence[str] | None = None,
+        trainable: Sequence[str] | None = None,
         use_lr_features: bool = True,
         latent_key: str = "latent",
         hr_key: str = "hr",
@@ -119,9 +118,15 @@ class AutoencoderGANModule(L.LightningModule):
                 lookup(init_scheme)(self.model)
             except (RegistryError, ValueError) as err:
                 raise ConfigError(f"init_scheme {init_scheme!r}: {err}") from None
+        # default: the model's FA parts (``fa_part_prefixes`` of the FA-VAE classes)
+        fa_parts = tuple(getattr(self.model, "fa_part_prefixes", ()))
+        if init_missing_prefixes is None:
+            init_missing_prefixes = fa_parts
         if ckpt is not None:
             self._load_base(ckpt, ckpt_prefix, tuple(init_missing_prefixes))
-        self.trainable_names = self._freeze_except(tuple(trainable))
+        self.trainable_names = self._freeze_except(
+            fa_parts if trainable is None else tuple(trainable)
+        )
         self.discriminator = NLayerDiscriminator(3, disc_ndf, disc_num_layers)
         # LPIPS is a fixed loss network: kept out of the state dict (and the checkpoints).
         lpips = None

@@ -70,16 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         for path in recipe.make_examples(args.out):
             sys.stdout.write(f"{path}\n")
     elif args.command == "export-autoencoder":
-        sys.stdout.write(f"{recipe.export_autoencoder(args.ckpt, args.out)}\n")
+        from moe_sr.export import export_autoencoder
+
+        sys.stdout.write(f"{export_autoencoder(args.ckpt, args.out)}\n")
     elif args.command == "init-fa-vae":
-        out = recipe.fa_vae_from_autoencoder(args.autoencoder, args.config, args.out)
+        from fa_vae.model import fa_vae_from_autoencoder
+
+        out = fa_vae_from_autoencoder(args.autoencoder, args.config, args.out)
         sys.stdout.write(f"{out}\n")
     elif args.command == "release":
+        from moe_sr.export import release_copy
+
         for f in args.files:
-            out = recipe.release_copy(f, Path(args.out) / Path(f).name, dtype=args.dtype)
+            out = release_copy(f, Path(args.out) / Path(f).name, dtype=args.dtype)
             sys.stdout.write(f"{out}\n")
     elif args.command == "evaluate":
-        from ldm.atomic import atomic_write
+        from ldm.atomic import write_text
         from moe_sr import demo_eval
         from moe_sr.build import build_pipeline_from_folder
 
@@ -93,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                    "checks": report.checks}  # fmt: skip
         for path, text in ((args.markdown, table), (args.json, json.dumps(payload, indent=1))):
             if path:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(path) as tmp:
-                    Path(tmp).write_text(text.rstrip("\n") + "\n")
+                write_text(path, text.rstrip("\n") + "\n")
         return 0 if report.passed else 3
     return 0
 

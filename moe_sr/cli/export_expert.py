@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         sys.stderr.write("error: the output file must end in .safetensors\n")
         return 2
-    from moe_sr.training import export_stage_expert
+    from moe_sr.export import export_stage_expert
 
     try:
         path = export_stage_expert(args.ckpt, args.out, weights=args.weights)
