@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ldm.data.image_io import to_uint8_hwc
 from ldm.data.resize import imresize_np
 from moe_sr.pipeline import LATENT_PER_LR, SCALE
 
@@ -35,6 +36,6 @@ def latent_preview(pred_x0: torch.Tensor, lr_h: int, lr_w: int) -> np.ndarray:
     lo = z.amin(dim=(1, 2), keepdim=True)
     hi = z.amax(dim=(1, 2), keepdim=True)
     z = (z - lo) / (hi - lo).clamp_min(1e-6)
-    img = (z * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    img = to_uint8_hwc(z)
     block = SCALE // LATENT_PER_LR
     return np.repeat(np.repeat(img, block, axis=0), block, axis=1)
