@@ -37,7 +37,11 @@ class Targets:
     lpips_vs_bicubic: float = 0.8  #: SR LPIPS <= this x bicubic's
     dists_vs_bicubic: float = 1.0  #: SR DISTS < this x bicubic's
     psnr_margin_db: float = 1.0  #: SR PSNR >= bicubic's - this
-    border_ratio: float = 1.25  #: border error <= this x interior error
+    #: border error <= this x interior error, or <= bicubic's own ratio where that is higher: an
+    #: image whose outer band holds more detail than its interior (rocket: lights and towers
+    #: along the bottom) has a higher border error for any method; padding or tiling defects
+    #: show up as a ratio above bicubic's
+    border_ratio: float = 1.25
     grid_vs_bicubic: float = 1.5  #: grid peakiness <= this x bicubic's
     delta_e: float = 3.0  #: mean CIEDE2000 of the low-passed colours <= this
     autoencoder_psnr_db: float = 26.0  #: autoencoder alone (mean over the images)
@@ -189,8 +193,9 @@ def check_targets(report: DemoReport, t: Targets = TARGETS) -> list[tuple[str, b
             (f"{who}: PSNR >= bicubic - {t.psnr_margin_db} dB",
              r["sr_psnr"] >= r["bicubic_psnr"] - t.psnr_margin_db,
              f"{r['sr_psnr']:.2f} vs {r['bicubic_psnr']:.2f}"),
-            (f"{who}: border error <= {t.border_ratio} x interior",
-             r["sr_border"] <= t.border_ratio, f"{r['sr_border']:.3f}"),
+            (f"{who}: border error <= {t.border_ratio} x interior (or bicubic's ratio, if higher)",
+             r["sr_border"] <= max(t.border_ratio, r["bicubic_border"]),
+             f"{r['sr_border']:.3f} (bicubic {r['bicubic_border']:.3f})"),
             (f"{who}: grid peakiness <= {t.grid_vs_bicubic} x bicubic",
              r["grid_ratio"] <= t.grid_vs_bicubic,
              f"{r['sr_grid']:.2f} vs {r['bicubic_grid']:.2f} ({r['grid_ratio']:.2f}x)"),

@@ -240,18 +240,24 @@ def test_targets_hold_per_image_and_the_mean_grid_check_averages_ratios():
     from moe_sr import demo_eval
 
     good = {"sr_lpips": 0.4, "bicubic_lpips": 0.55, "sr_dists": 0.28, "bicubic_dists": 0.3,
-            "sr_psnr": 26.0, "bicubic_psnr": 26.5, "sr_border": 0.9, "sr_delta_e": 0.7,
-            "fa_psnr": 30.5, "ae_psnr": 30.0, "sr_grid": 1.6, "bicubic_grid": 1.5}  # fmt: skip
+            "sr_psnr": 26.0, "bicubic_psnr": 26.5, "sr_border": 0.9, "bicubic_border": 0.8,
+            "sr_delta_e": 0.7, "fa_psnr": 30.5, "ae_psnr": 30.0, "sr_grid": 1.6,
+            "bicubic_grid": 1.5}  # fmt: skip
     rows = [
-        {"image": "a", **good, "grid_ratio": 1.6 / 1.5},
+        # a detailed outer band: bicubic's own ratio (1.33) is the bound, and 1.29 is below it
+        {"image": "a", **good, "grid_ratio": 1.6 / 1.5, "sr_border": 1.29, "bicubic_border": 1.33},
         # a periodic pattern bicubic lacks; a mean of raw values would hide it behind "b"
-        {"image": "c", **good, "sr_grid": 9.0, "bicubic_grid": 1.2, "grid_ratio": 7.5},
+        # and a frame of worse pixels that bicubic does not have
+        {"image": "c", **good, "sr_grid": 9.0, "bicubic_grid": 1.2, "grid_ratio": 7.5,
+         "sr_border": 1.3, "bicubic_border": 0.9},
         {"image": "b", **good, "sr_grid": 5.0, "bicubic_grid": 40.0, "grid_ratio": 0.125},
-    ]
+    ]  # fmt: skip
     report = demo_eval.DemoReport(rows, codebook_usage=0.6)
     checks = {what: ok for what, ok, _ in demo_eval.check_targets(report)}
     grid = "grid peakiness <= 1.5 x bicubic"
     assert checks[f"a: {grid}"] and checks[f"b: {grid}"] and not checks[f"c: {grid}"]
+    border = "border error <= 1.25 x interior (or bicubic's ratio, if higher)"
+    assert checks[f"a: {border}"] and checks[f"b: {border}"] and not checks[f"c: {border}"]
     assert not checks[f"mean: {grid}"]  # mean ratio 2.9, though mean SR 5.2 < mean bicubic 14.2
     assert checks["mean: LPIPS <= 0.8 x bicubic"] and checks["codebook usage >= 50% of the codes"]
     assert checks["mean: PSNR >= bicubic - 1.0 dB"]
