@@ -93,8 +93,11 @@ def _build(case: str, size: int, device: torch.device) -> Callable[[], torch.Ten
     return lambda: model.decoder(model.post_quant_conv(z), skips)
 
 
-def measure(case: str, size: int, device: torch.device, repeats: int, warmup: int) -> dict:
-    fn = _build(case, size, device)
+def _time_calls(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int
+) -> tuple[list[float], list[float], float]:
+    """Wall and CPU seconds of ``repeats`` calls of ``fn`` (no gradient) after ``warmup``
+    untimed ones, and their peak memory in MiB over the memory held before them."""
     with torch.no_grad():
         for _ in range(warmup):
             fn()
@@ -104,17 +107,23 @@ def measure(case: str, size: int, device: torch.device, repeats: int, warmup: in
             base = torch.cuda.memory_allocated(device)
         else:
             base = _rss_mib()
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = fn()
             _sync(device)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
             del out
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return times, cpu_times, peak
+
+
+def measure(case: str, size: int, device: torch.device, repeats: int, warmup: int) -> dict:
+    times, _, peak = _time_calls(_build(case, size, device), device, repeats, warmup)
     return {"case": case, "ms": 1000 * statistics.median(times), "peak_mib": peak}
 
 
@@ -137,27 +146,11 @@ def measure_decode(lr_size: int, args: argparse.Namespace) -> dict:
     z = torch.randn(1, vae.latent_channels, 2 * lr_size, 2 * lr_size, generator=g).to(device)
     tiling = TilingConfig(mode=args.tile_mode, vae_tile=args.vae_tile, vae_overlap=args.vae_overlap)
     tiles = []
-    with torch.no_grad():
-        for _ in range(args.warmup):
-            fa_vae_decode(vae, z, [lr], tiling)
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        else:
-            base = _rss_mib()
-        times, cpu_times = [], []
-        for _ in range(args.repeats):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            out = fa_vae_decode(vae, z, [lr], tiling, callback=lambda i, n: tiles.append(n))
-            _sync(device)
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-            del out
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+    def decode() -> torch.Tensor:
+        return fa_vae_decode(vae, z, [lr], tiling, callback=lambda i, n: tiles.append(n))
+
+    times, cpu_times, peak = _time_calls(decode, device, args.repeats, args.warmup)
     mpx = (8 * lr_size) ** 2 / 1e6
     cpu = statistics.median(cpu_times)
     return {"lr": lr_size, "out": 8 * lr_size, "tiles": tiles[-1], "s": statistics.median(times),

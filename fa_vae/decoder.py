@@ -17,18 +17,21 @@ The LDM decoder's ``forward`` is reused unchanged through its two hooks,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from fa_vae.frequency import UNetAff
 from fa_vae.fusion import FuseLayer
+from ldm.autoencoders.blocks import NORM_GROUPS
 from ldm.autoencoders.decoder import Decoder
 
 
 class FADecoder(Decoder):
     """LDM :class:`~ldm.autoencoders.decoder.Decoder` with LR fuse layers and ``unet_1``.
 
-    Extra parameters (besides the LDM ``ddconfig`` ones; like the release's
+    Extra parameters (besides the LDM ``ddconfig`` ones, which go on to
+    :class:`~ldm.autoencoders.decoder.Decoder` as ``ldm_params``; like the release's
     ``num_fuse_block`` they live in ``ddconfig``):
 
     * ``fuse_lr``: build the fuse layers (VQ-f4 FA-VAE) or not (KL-f8 FA-VAE);
@@ -54,38 +57,17 @@ class FADecoder(Decoder):
         self,
         *,
         ch: int,
-        out_ch: int,
         ch_mult: Sequence[int],
-        num_res_blocks: int,
-        attn_resolutions: Sequence[int],
-        in_channels: int,
-        resolution: int,
-        z_channels: int,
-        dropout: float = 0.0,
-        resamp_with_conv: bool = True,
-        give_pre_end: bool = False,
         fuse_lr: bool = True,
         num_fuse_block: int = 2,
         freq_ch_mul: Sequence[int] = (1, 1, 2, 2),
         freq_hidden_size_factor: int = 1,
         freq_drop_path: float = 0.1,
         freq_mlp_ratio: float = 4.0,
-        norm_groups: int = 32,
+        norm_groups: int = NORM_GROUPS,
+        **ldm_params: Any,
     ) -> None:
-        super().__init__(
-            ch=ch,
-            out_ch=out_ch,
-            ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions,
-            in_channels=in_channels,
-            resolution=resolution,
-            z_channels=z_channels,
-            dropout=dropout,
-            resamp_with_conv=resamp_with_conv,
-            give_pre_end=give_pre_end,
-            norm_groups=norm_groups,
-        )
+        super().__init__(ch=ch, ch_mult=ch_mult, norm_groups=norm_groups, **ldm_params)
         ch_mult = tuple(ch_mult)
         #: weight ``w`` of the fused residual (the release's ``fusion_w``)
         self.fusion_w = 1.0

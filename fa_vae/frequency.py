@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -275,7 +276,8 @@ class UNetAff(nn.Module):
     ``conv2`` output, ``up_conv3``; ``up2``, concat with ``conv1`` output, ``up_conv2``.
     Widths are ``ch_mul[1..3] * in_channels``; both released decoders use
     ``ch_mul=(1, 1, 2, 2)`` and ``hidden_size_factor=1``. Height and width must be
-    divisible by 4.
+    divisible by 4. ``block_params`` (``hidden_size_factor``, ``num_blocks``, ``mlp_ratio``,
+    ``drop_path``, ``norm_groups``) go to every :class:`AFFBlock`, with its defaults.
     """
 
     def __init__(
@@ -284,33 +286,22 @@ class UNetAff(nn.Module):
         out_channels: int,
         ch_mul: Sequence[int] = (1, 1, 2, 2),
         *,
-        hidden_size_factor: int = 1,
-        num_blocks: int = 8,
-        drop_path: float = 0.1,
         num_context_blocks: int = 4,
-        norm_groups: int = 32,
-        mlp_ratio: float = 4.0,
+        **block_params: Any,
     ) -> None:
         super().__init__()
         if len(ch_mul) != 4:
             raise ValueError(f"UNetAff: ch_mul needs 4 entries, got {list(ch_mul)}")
         c1, c2, c3 = (m * in_channels for m in ch_mul[1:])
-        kw = dict(
-            hidden_size_factor=hidden_size_factor,
-            num_blocks=num_blocks,
-            drop_path=drop_path,
-            norm_groups=norm_groups,
-            mlp_ratio=mlp_ratio,
-        )
         self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.conv1 = AFFBlock(in_channels, c1, **kw)
-        self.conv2 = AFFBlock(c1, c2, **kw)
-        self.conv3 = AFFBlock(c2, c3, **kw)
+        self.conv1 = AFFBlock(in_channels, c1, **block_params)
+        self.conv2 = AFFBlock(c1, c2, **block_params)
+        self.conv3 = AFFBlock(c2, c3, **block_params)
         self.context_refine = nn.ModuleList(
-            AFFBlock(c3, c3, **kw) for _ in range(num_context_blocks)
+            AFFBlock(c3, c3, **block_params) for _ in range(num_context_blocks)
         )
-        self.up_conv3 = AFFBlock(2 * c2, c2, **kw)
-        self.up_conv2 = AFFBlock(2 * c1, out_channels, **kw)
+        self.up_conv3 = AFFBlock(2 * c2, c2, **block_params)
+        self.up_conv2 = AFFBlock(2 * c1, out_channels, **block_params)
         self.up3 = _subpixel_up(c3, c2)
         self.up2 = _subpixel_up(c2, c1)
 

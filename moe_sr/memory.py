@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MemoryEstimate", "available_bytes", "gib"]
+__all__ = ["MemoryEstimate", "available_bytes", "gib", "proc_field_bytes"]
 
 F32 = 4
 #: live float tensors per pixel and base channel in a decoder / UNet forward (measured peak of
@@ -85,11 +85,18 @@ def available_bytes(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        return proc_field_bytes("/proc/meminfo", "MemAvailable")
+    return None
+
+
+def proc_field_bytes(path: str, field: str) -> int | None:
+    """The ``field:`` line of a Linux ``/proc`` file (a size in kB) in bytes, or ``None`` where
+    the file or the line is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
     return None

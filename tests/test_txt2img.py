@@ -190,22 +190,20 @@ def test_decoder_swap_matches_fa_decode():
     fa, _ = tiny_fa_vae()
     encoder = pipe.vae.encoder
     z = generate_latents(pipe, ["a boat"], [5], steps=2, guidance=3.0)[0]
-    plain = pipe(
-        prompt=["a boat"],
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        generator=[torch.Generator().manual_seed(5)],
-        output_type="pt",
-    ).images
+
+    def images() -> torch.Tensor:
+        return pipe(
+            prompt=["a boat"],
+            num_inference_steps=2,
+            guidance_scale=3.0,
+            generator=[torch.Generator().manual_seed(5)],
+            output_type="pt",
+        ).images
+
+    plain = images()
     swap_vae_decoder(pipe, fa)
     assert pipe.vae.encoder is encoder and pipe.vae.config.scaling_factor == SCALING
-    out = pipe(
-        prompt=["a boat"],
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        generator=[torch.Generator().manual_seed(5)],
-        output_type="pt",
-    ).images
+    out = images()
     expected = decode_latents(fa, z)
     assert out.shape == expected.shape == (1, 3, 64, 64)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

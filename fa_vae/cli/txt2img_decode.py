@@ -180,13 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in errors:
             stderr_line(f"error: {line}")
         return 2
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        stderr_line(f"error: {err}")
-        return 2
     dtype = getattr(torch, args.dtype)
-    try:
+    try:  # a bad --device is a ValueError, reported like a bad checkpoint
+        device = resolve_device(args.device)
         fa = load_fa_vae(args.config, args.ckpt, device, dtype)
         sd = None
         if args.compare_sd_vae:

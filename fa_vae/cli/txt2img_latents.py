@@ -98,14 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         stderr_line(f"error: --seeds repeats a seed: {args.seeds}")
         return 2
-    try:
+    try:  # resolve_device raises ValueError
         prompts = read_prompts(args.prompts)
-    except (OSError, ValueError) as err:
-        stderr_line(f"error: {err}")
-        return 2
-    try:
         device = resolve_device(args.device)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         stderr_line(f"error: {err}")
         return 2
     dtype_name = args.dtype or ("float32" if device.type == "cpu" else "float16")

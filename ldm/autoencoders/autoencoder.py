@@ -24,12 +24,21 @@ from ldm.registry import register
 
 
 def _kwarg_names(cls: type) -> set[str]:
-    sig = inspect.signature(cls.__init__)
-    return {
-        n
-        for n, p in sig.parameters.items()
-        if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
+    """The keyword arguments of ``cls(...)``; a ``**kwargs`` of its ``__init__`` stands for those
+    of the base class it is passed on to (the next ``__init__`` in the MRO)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {
+            p.name
+            for p in params
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 class FirstStageModel(nn.Module):

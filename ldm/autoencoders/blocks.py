@@ -137,28 +137,32 @@ class AttnBlock(nn.Module):
         return h.transpose(1, 2).reshape(b, c, hgt, wid).add_(x)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv when ``with_conv``."""
+class _Resample(nn.Module):
+    """The optional 3x3 ``conv`` of :class:`Upsample` / :class:`Downsample`."""
 
-    def __init__(self, channels: int, with_conv: bool) -> None:
+    def __init__(self, channels: int, with_conv: bool, *, stride: int, padding: int) -> None:
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+            self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=stride, padding=padding)
+
+
+class Upsample(_Resample):
+    """Nearest-neighbour x2, then a 3x3 conv when ``with_conv``."""
+
+    def __init__(self, channels: int, with_conv: bool) -> None:
+        super().__init__(channels, with_conv, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.with_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """Stride-2 3x3 conv after LDM's asymmetric zero pad (right and bottom by 1); else avg-pool 2."""
 
     def __init__(self, channels: int, with_conv: bool) -> None:
-        super().__init__()
-        self.with_conv = with_conv
-        if with_conv:
-            self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        super().__init__(channels, with_conv, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_conv:

@@ -163,6 +163,30 @@ class _SkippingDataset(Dataset):
         )
 
 
+class _CropDataset(_SkippingDataset):
+    """:class:`_SkippingDataset` with the crop and augmentation settings of the SR datasets
+    (see :class:`SRFolderDataset` for their meaning)."""
+
+    def __init__(
+        self,
+        seed: int | None,
+        scale: int,
+        crop_size: int | None,
+        flip: bool,
+        rot90: bool,
+        random_crop: bool,
+        uint8: bool,
+    ) -> None:
+        super().__init__(seed)
+        _check_scale_and_crop(scale, crop_size)
+        self.scale = scale
+        self.crop_size = crop_size
+        self.flip = flip
+        self.rot90 = rot90
+        self.random_crop = random_crop
+        self.uint8 = uint8
+
+
 def _is_unusable_image_error(err: Exception) -> bool:
     """Errors that mean "this file cannot be used": IO/decoding errors (PIL raises OSError,
     SyntaxError, ValueError, DecompressionBombError; image_io raises ImageReadError) and
@@ -240,7 +264,7 @@ def _build_degradation(degradation: Degradation | Mapping[str, Any] | None) -> D
 
 
 @register("sr_folder")
-class SRFolderDataset(_SkippingDataset):
+class SRFolderDataset(_CropDataset):
     """HR images -> (crop, flip) -> LR by MATLAB bicubic ``1/scale`` (or a degradation).
 
     Args:
@@ -276,15 +300,8 @@ class SRFolderDataset(_SkippingDataset):
         channel_shuffle: bool = False,
         cache_images: bool = False,
     ) -> None:
-        super().__init__(seed)
-        _check_scale_and_crop(scale, crop_size)
+        super().__init__(seed, scale, crop_size, flip, rot90, random_crop, uint8)
         self.paths = collect_image_paths(root_or_filelist)
-        self.crop_size = crop_size
-        self.scale = scale
-        self.flip = flip
-        self.rot90 = rot90
-        self.random_crop = random_crop
-        self.uint8 = uint8
         self.degradation = _build_degradation(degradation)
         self.channel_shuffle = channel_shuffle
         self._cache: dict[Path, torch.Tensor] | None = {} if cache_images else None
@@ -333,7 +350,7 @@ class SRFolderDataset(_SkippingDataset):
 
 
 @register("paired_folder")
-class PairedFolderDataset(_SkippingDataset):
+class PairedFolderDataset(_CropDataset):
     """LR/HR pairs from two folders (or lists), matched by file stem (``0001.png`` <->
     ``0001.jpg``). The HR must be exactly ``scale`` times the LR.
 
@@ -353,8 +370,7 @@ class PairedFolderDataset(_SkippingDataset):
         uint8: bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(seed)
-        _check_scale_and_crop(scale, crop_size)
+        super().__init__(seed, scale, crop_size, flip, rot90, random_crop, uint8)
         lr_paths = _by_stem(collect_image_paths(lr_dir), "LR")
         hr_paths = _by_stem(collect_image_paths(hr_dir), "HR")
         only_lr = sorted(set(lr_paths) - set(hr_paths))
@@ -368,12 +384,6 @@ class PairedFolderDataset(_SkippingDataset):
         names = sorted(lr_paths)
         self.lr_paths = [lr_paths[n] for n in names]
         self.paths = [hr_paths[n] for n in names]
-        self.scale = scale
-        self.crop_size = crop_size
-        self.flip = flip
-        self.rot90 = rot90
-        self.random_crop = random_crop
-        self.uint8 = uint8
 
     def _load(self, index: int, generator: torch.Generator | None) -> dict[str, Any]:
         s = self.scale

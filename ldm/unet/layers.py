@@ -85,37 +85,42 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class Upsample(nn.Module):
-    """Nearest x2 upsampling, then an optional 3x3 convolution (``conv``)."""
+class _Resample(nn.Module):
+    """The channel counts of :class:`Upsample` / :class:`Downsample`; only a convolution may
+    change them."""
 
     def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
+        if not use_conv and self.out_channels != channels:
+            raise ValueError(
+                f"{type(self).__name__} without a convolution cannot change the channel count"
+            )
+
+
+class Upsample(_Resample):
+    """Nearest x2 upsampling, then an optional 3x3 convolution (``conv``)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
+        super().__init__(channels, use_conv, out_channels)
         if use_conv:
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
-        elif self.out_channels != channels:
-            raise ValueError("Upsample without a convolution cannot change the channel count")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """x2 downsampling: a strided 3x3 convolution (``op``, padding 1) or 2x2 average pooling."""
 
     def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
+        super().__init__(channels, use_conv, out_channels)
         if use_conv:
             self.op: nn.Module = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
         else:
-            if self.out_channels != channels:
-                raise ValueError("Downsample without a convolution cannot change the channel count")
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
