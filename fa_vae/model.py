@@ -50,8 +50,20 @@ def _set_decoder_modes(decoder: FADecoder, fusion_w: float, release_train_mode: 
     decoder.release_train_mode = bool(release_train_mode)
 
 
+class _FAParts:
+    """What both FA-VAEs add to their base autoencoder class: the FA decoder and its parts."""
+
+    decoder_class = FADecoder
+    fa_part_prefixes = FA_PART_PREFIXES
+
+    def frequency_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the FA parts (fuse layers where there are any, and ``unet_1``): what
+        the release trains."""
+        return self.decoder.frequency_parameters()
+
+
 @register("fa_vae_vq_f4", kind="autoencoder")
-class FAVQModel(VQModel):
+class FAVQModel(_FAParts, VQModel):
     """VQ autoencoder whose decoder fuses LR features and refines frequencies.
 
     ``num_fuse_block``: RRDB blocks per fuse layer (release: 2); ``fusion_w``: weight of
@@ -63,9 +75,6 @@ class FAVQModel(VQModel):
         h, feats = model.encode(lr_up8, return_features=True)  # LR image upsampled x8
         x = model.decode(z, skips=feats)                        # z: latent from diffusion
     """
-
-    decoder_class = FADecoder
-    fa_part_prefixes = FA_PART_PREFIXES
 
     def __init__(
         self,
@@ -108,21 +117,14 @@ class FAVQModel(VQModel):
             feats = self.lr_features(lr_up)
         return self.decode(h, skips=feats, quantize=True)
 
-    def frequency_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the fuse layers and ``unet_1`` (the parts the release trains)."""
-        return self.decoder.frequency_parameters()
-
 
 @register("fa_vae_kl_f8", kind="autoencoder")
-class FAKLModel(AutoencoderKL):
+class FAKLModel(_FAParts, AutoencoderKL):
     """KL autoencoder (SD1.5 kl-f8 layout) whose decoder refines frequencies (``unet_1``).
 
     Same encoder and latent space as the plain VAE: the latents of any SD1.5 pipeline
     decode with it. ``release_train_mode`` as in :class:`FAVQModel`.
     """
-
-    decoder_class = FADecoder
-    fa_part_prefixes = FA_PART_PREFIXES
 
     def __init__(
         self,
@@ -135,10 +137,6 @@ class FAKLModel(AutoencoderKL):
         super().__init__(ddconfig, embed_dim, scale_factor=scale_factor)
         _set_decoder_modes(self.decoder, 1.0, release_train_mode)
         self.eval()
-
-    def frequency_parameters(self) -> list[nn.Parameter]:
-        """Parameters of ``unet_1`` (the part the release trains)."""
-        return self.decoder.frequency_parameters()
 
 
 def base_autoencoder(model: FAVQModel) -> VQModel:

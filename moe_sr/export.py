@@ -31,10 +31,19 @@ from moe_sr.stages import StageTimestepSampler
 logger = logging.getLogger(__name__)
 
 
-def _load_lightning_checkpoint(path: Path) -> dict[str, Any]:
+def _training_checkpoint(path: Path, module: str, key: str) -> tuple[dict[str, Any], Mapping]:
+    """``(checkpoint, hyper_parameters)`` of a Lightning checkpoint of a ``module`` run, whose
+    hyper-parameters must hold ``key`` (the config of the model to export)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    return load_torch_file(path, map_location="cpu")
+    obj = load_torch_file(path, map_location="cpu")
+    hp = (obj.get("hyper_parameters") or {}) if isinstance(obj, Mapping) else {}
+    if not isinstance(hp, Mapping) or key not in hp or "state_dict" not in obj:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of {module} (no hyper_parameters.{key} / "
+            "state_dict); give <run>/checkpoints/last.ckpt of such a run"
+        )
+    return obj, hp
 
 
 def export_stage_expert(
@@ -52,13 +61,7 @@ def export_stage_expert(
     from ldm.training.init_weights import unet_weights_from_state_dict
 
     ckpt = Path(ckpt)
-    obj = _load_lightning_checkpoint(ckpt)
-    hp = obj.get("hyper_parameters") or {}
-    if not isinstance(hp, Mapping) or "unet" not in hp or "state_dict" not in obj:
-        raise CheckpointError(
-            f"{ckpt} is not a diffusion_sr training checkpoint (no hyper_parameters.unet / "
-            "state_dict)"
-        )
+    obj, hp = _training_checkpoint(ckpt, "diffusion_sr", "unet")
     sampler_cfg = hp.get("timestep_sampler")
     if not sampler_cfg or sampler_cfg.get("target") != "stage_timesteps":
         raise ConfigError(
@@ -101,13 +104,7 @@ def export_autoencoder(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     from ldm.config import to_plain
 
     ckpt = Path(ckpt)
-    obj = _load_lightning_checkpoint(ckpt)
-    hp = obj.get("hyper_parameters") or {}
-    if not isinstance(hp, Mapping) or "autoencoder" not in hp or "state_dict" not in obj:
-        raise CheckpointError(
-            f"{ckpt} is not an autoencoder_gan training checkpoint (no hyper_parameters."
-            "autoencoder / state_dict); give <run>/checkpoints/last.ckpt of such a run"
-        )
+    obj, hp = _training_checkpoint(ckpt, "autoencoder_gan", "autoencoder")
     config = to_plain(hp["autoencoder"])
     model = instantiate(config)
     load_state_dict_strict(model, select_prefix(obj["state_dict"], "model."), what=str(ckpt))

@@ -109,7 +109,7 @@ def test_export_autoencoder_roundtrip_and_wrong_checkpoint(tmp_path):
     for k, v in vae.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
     torch.save({"state_dict": state}, tmp_path / "other.ckpt")
-    with pytest.raises(CheckpointError, match="not an autoencoder_gan"):
+    with pytest.raises(CheckpointError, match="not a training checkpoint of autoencoder_gan"):
         export_autoencoder(tmp_path / "other.ckpt", tmp_path / "x.safetensors")
 
 

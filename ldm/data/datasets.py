@@ -42,6 +42,7 @@ from ldm.data.image_io import (
     to_uint8_hwc,
 )
 from ldm.data.resize import imresize_np, imresize_torch
+from ldm.data.sr_inputs import uint8_to_signed
 from ldm.registry import register
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,8 @@ def collect_image_paths(source: PathLike | Sequence[PathLike]) -> list[Path]:
 
 
 def _u8_to_signed(img_u8: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(img_u8)).permute(2, 0, 1).to(torch.float32)
-    return 2.0 * (t / 255.0) - 1.0
+    """uint8 ``HWC`` -> float32 ``CHW`` in [-1, 1] (:func:`ldm.data.sr_inputs.uint8_to_signed`)."""
+    return uint8_to_signed(img_u8)[0]
 
 
 # ------------------------------------------------------------------------------ base
