@@ -19,8 +19,10 @@
 # Steps: (a) write the training photographs (scikit-image, matplotlib, scikit-learn: no
 # download) to DATA, 19 for training, 3 held out (coffee, chelsea, rocket); (b) train the demo
 # VQ-f4 autoencoder from scratch on the colour photographs (box-codec start, k-means + EMA
-# codebook with dead-code restarts; L1 + codebook); (c) train the 2 stage experts (t in [0,500)
-# then [500,1000), stage 1 initialised from stage 0's EMA weights; EWA + EMA); (d) generate
+# codebook with dead-code restarts; L1 + codebook), then its decoder alone with L1 + the focal
+# frequency loss (configs/demo/polish_decoder.yaml: removes the faint 4/8 px pattern; latents
+# unchanged); (c) train the 2 stage experts (t in [0,500) then [500,1000), stage 1 initialised
+# from stage 0's EMA weights; EWA + EMA), then a second pass of each (resumed); (d) generate
 # latents for fixed training crops with the 2 experts (the demo's own sampler) and fine-tune the
 # FA parts of the decoder (fuse layer + frequency module, identity start) on them with L1 +
 # LPIPS; (e) export the experts' EMA weights and the FA-VAE (float16 safetensors) into OUT;
@@ -45,10 +47,11 @@ esac
 export PYTHON=$PY
 LOGDIR=$WORK/logs
 AE_BATCHES=4000      # (b) autoencoder batches (Lightning counts 2 steps per batch: 2 optimizers)
-STAGE_STEPS=6000     # (c) steps per stage expert
+DEC_BATCHES=600      # (b) then decoder-only batches with the frequency loss
+STAGE_STEPS=6000     # (c) steps per stage expert and pass (2 passes)
 FA_BATCHES=1500      # (d) FA fine-tuning batches
 scaled() { awk -v n="$1" -v s="$STEPS_SCALE" 'BEGIN { v = int(n * s + 0.5); print (v < 1 ? 1 : v) }'; }
-AE_B=$(scaled $AE_BATCHES); STAGE_S=$(scaled $STAGE_STEPS); FA_B=$(scaled $FA_BATCHES)
+AE_B=$(scaled $AE_BATCHES); DEC_B=$(scaled $DEC_BATCHES); STAGE_S=$(scaled $STAGE_STEPS); FA_B=$(scaled $FA_BATCHES)
 WARMUP=$(scaled 200)
 COMMON=(lightning.trainer.accelerator="$DEVICE" data.num_workers="$WORKERS")
 mkdir -p "$WORK"
@@ -57,8 +60,9 @@ if [ "$START" = a ]; then : > "$TIMES"; fi
 stamp() { echo "$1: $(( SECONDS - T0 )) s" | tee -a "$TIMES"; }
 todo() { [[ "$1" > "$START" || "$1" == "$START" ]]; }  # step $1 runs?
 run_folder() { sed -n 's/^run folder: //p' | tail -n 1; }
-echo "demo recipe: DEVICE=$DEVICE STEPS_SCALE=$STEPS_SCALE (autoencoder $AE_B batches, experts" \
-     "$STAGE_S steps each, FA $FA_B batches on $FA_CROPS crops), work in $WORK, weights to $OUT"
+echo "demo recipe: DEVICE=$DEVICE STEPS_SCALE=$STEPS_SCALE (autoencoder $AE_B + decoder $DEC_B" \
+     "batches, experts 2 x $STAGE_S steps each, FA $FA_B batches on $FA_CROPS crops), work in" \
+     "$WORK, weights to $OUT"
 
 # (a) data
 if todo a; then
@@ -76,6 +80,15 @@ if todo b; then
     data.train.params.root_or_filelist="$DATA/train/colour.txt" | run_folder)
   [ -n "$RUN" ] || { echo "autoencoder training failed" >&2; exit 1; }
   "$PY" -m moe_sr.cli.demo_recipe export-autoencoder "$RUN/checkpoints/last.ckpt" \
+    "$WORK/vq_f4_l1.safetensors"
+  # then the decoder alone, with the focal frequency loss (configs/demo/polish_decoder.yaml)
+  RUN=$("$PY" -m ldm.cli.train --base configs/demo/train_autoencoder.yaml \
+    configs/demo/polish_decoder.yaml --seed "$SEED" --logdir "$LOGDIR" --name demo_decoder \
+    "${COMMON[@]}" lightning.trainer.max_steps=$(( 2 * DEC_B )) \
+    model.params.ckpt="$WORK/vq_f4_l1.safetensors" \
+    data.train.params.root_or_filelist="$DATA/train/colour.txt" | run_folder)
+  [ -n "$RUN" ] || { echo "decoder training failed" >&2; exit 1; }
+  "$PY" -m moe_sr.cli.demo_recipe export-autoencoder "$RUN/checkpoints/last.ckpt" \
     "$WORK/vq_f4.safetensors"
   stamp "b_autoencoder"
 fi
@@ -87,6 +100,15 @@ if todo c; then
     "${COMMON[@]}" model.params.first_stage="$WORK/vq_f4.safetensors" \
     lightning.trainer.max_steps="$STAGE_S" model.params.ewa.ramp_steps="$STAGE_S" \
     model.params.lr_warmup_steps="$WARMUP" data.train.params.root_or_filelist="$DATA/train/epoch.txt"
+  # a second pass of each expert: its run resumed up to 2 x STAGE_S steps (constant rate, EWA at
+  # its maximum), then exported again
+  for k in 0 1; do
+    RUN=$(ls -d "$LOGDIR"/*_train_stage$k | tail -n 1)
+    "$PY" -m ldm.cli.train -r "$RUN" "${COMMON[@]}" lightning.trainer.max_steps=$(( 2 * STAGE_S )) \
+      | run_folder > /dev/null
+    "$PY" -m moe_sr.cli.export_expert "$RUN/checkpoints/last.ckpt" \
+      "$WORK/experts/expert_stage$k.safetensors"
+  done
   stamp "c_experts"
 fi
 
@@ -143,8 +165,9 @@ if todo f; then
     echo "# Demo model: held-out results"
     echo
     echo "Produced by \`DEVICE=$DEVICE STEPS_SCALE=$STEPS_SCALE FA_CROPS=$FA_CROPS"
-    echo "bash scripts/train_demo.sh\` ($(date -u +%Y-%m-%d), seed $SEED): autoencoder $AE_B batches,"
-    echo "experts $STAGE_S steps each, FA parts $FA_B batches on the latents of $FA_CROPS training crops."
+    echo "bash scripts/train_demo.sh\` ($(date -u +%Y-%m-%d), seed $SEED): autoencoder $AE_B batches"
+    echo "then its decoder $DEC_B batches (frequency loss), experts 2 x $STAGE_S steps each, FA"
+    echo "parts $FA_B batches on the latents of $FA_CROPS training crops."
     echo "Held-out photographs (never trained on), LR = MATLAB-bicubic x1/8 of the HR image; 8x SR"
     echo "with the demo model at its default settings (configs/demo/sr8x_demo.yaml). Full images,"
     echo "RGB, no border crop; PSNR / SSIM / LPIPS (AlexNet) / DISTS via ldm.evaluation (pyiqa's"
