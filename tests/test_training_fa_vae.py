@@ -12,6 +12,8 @@ from ldm.training.gan_losses import (
     NLayerDiscriminator,
     adaptive_weight,
     adopt_weight,
+    grid_frequency_loss,
+    grid_frequency_mask,
     hinge_d_loss,
 )
 
@@ -55,6 +57,45 @@ def test_focal_frequency_loss():
     y.requires_grad_(True)
     ffl(y, x).backward()
     assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+def test_grid_frequency_loss_sees_a_pattern_at_the_latent_grid_only():
+    mask = grid_frequency_mask(64, 48)
+    # k/8 cycles per pixel (period 4 is a subset): every 8th row bin of 64, every 6th column bin
+    # of 48; 8 x 8 bins, DC excluded
+    assert int(mask.sum()) == 8 * 8 - 1 and not mask[0, 0] and mask[8, 6] and not mask[4, 6]
+    assert int(grid_frequency_mask(20, 20, periods=(4,)).sum()) == 4 * 4 - 1
+    torch.manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 68, 68), 5, 1) * 2 - 1  # smooth, 64 px
+    assert grid_frequency_loss(x, x).item() == 0.0
+
+    def pattern(period: int) -> torch.Tensor:
+        i = torch.arange(64, dtype=torch.float32)
+        wave = torch.cos(2 * torch.pi * i / period)
+        return 0.05 * wave[:, None] * wave[None, :]
+
+    at_grid = grid_frequency_loss(x + pattern(4), x).item()
+    off_grid = grid_frequency_loss(x + pattern(6), x).item()
+    assert at_grid > 20 * off_grid, (at_grid, off_grid)
+    y = (x + pattern(8)).requires_grad_(True)
+    grid_frequency_loss(y, x).backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="differ"):
+        grid_frequency_loss(x, x[..., :32])
+    with pytest.raises(ValueError, match="no FFT bin"):
+        grid_frequency_loss(x[..., :1, :1], x[..., :1, :1])
+
+
+def test_grid_weight_adds_the_grid_loss_to_the_reconstruction_losses():
+    from ldm.training.autoencoder_module import AutoencoderGANModule
+
+    kw = dict(autoencoder=load_config("autoencoder/vq_f4_tiny"), trainable=[""],
+              perceptual_weight=0.0)  # fmt: skip
+    hr = torch.rand(1, 3, 32, 32) * 2 - 1
+    rec = hr + 0.1 * torch.randn_like(hr)
+    assert "grid" not in AutoencoderGANModule(**kw).rec_losses(hr, rec)
+    losses = AutoencoderGANModule(**kw, grid_weight=2.0).rec_losses(hr, rec)
+    assert losses["grid"].item() == pytest.approx(grid_frequency_loss(rec, hr).item())
 
 
 def _ckpt(path):

@@ -9,7 +9,8 @@ also takes the encoder features of the LR image upsampled x8 (``lr_up8``).
 
 Loss = taming's ``VQLPIPSWithDiscriminator`` (the loss of LDM's autoencoders):
 ``|x - x_rec| + w_p LPIPS(x, x_rec)`` (mean) ``+ d_weight * disc_factor * (-D(x_rec))``
-``+ w_cb * codebook`` [+ ``w_ffl`` focal frequency loss], with the adaptive ``d_weight`` and
+``+ w_cb * codebook`` [+ ``w_ffl`` focal frequency loss] [+ ``w_grid`` latent-grid spectrum
+loss], with the adaptive ``d_weight`` and
 ``disc_factor = 0`` before ``disc_start``; the discriminator minimises the hinge loss. Two Adam
 optimizers with betas (0.5, 0.9), stepped manually (Lightning 2 manual optimization: the
 trainer's ``global_step`` counts both, i.e. 2 per batch).
@@ -34,6 +35,7 @@ from ldm.training.gan_losses import (
     NLayerDiscriminator,
     adaptive_weight,
     adopt_weight,
+    grid_frequency_loss,
     hinge_d_loss,
 )
 
@@ -61,6 +63,9 @@ class AutoencoderGANModule(L.LightningModule):
         disc_start, disc_weight, disc_factor, disc_num_layers, disc_ndf: PatchGAN settings.
         codebook_weight: weight of the VQ codebook loss (VQ models only).
         ffl_weight, ffl_alpha: focal frequency loss (0 disables it).
+        grid_weight: weight of :func:`~ldm.training.gan_losses.grid_frequency_loss` (spectrum
+            magnitudes at the 4 and 8 px latent-grid periods against the HR image's; 0
+            disables it): trains away a periodic pattern at the latent grid.
         adaptive_weight_param: name of the parameter the adaptive GAN weight is measured at;
             default ``decoder.conv_out.weight`` when it trains, else the last trainable one.
         hr_latent_prob: with stored latents (``latent_key``), the probability that a training
@@ -103,6 +108,7 @@ class AutoencoderGANModule(L.LightningModule):
         codebook_weight: float = 1.0,
         ffl_weight: float = 0.0,
         ffl_alpha: float = 1.0,
+        grid_weight: float = 0.0,
         adaptive_weight_param: str | None = None,
         log_max_images: int = 4,
         init_scheme: str | None = None,
@@ -286,6 +292,8 @@ class AutoencoderGANModule(L.LightningModule):
         out["nll"] = rec.mean()
         if self.ffl is not None:
             out["ffl"] = self.ffl(x_rec, hr)
+        if hp.grid_weight > 0:
+            out["grid"] = grid_frequency_loss(x_rec, hr)
         return out
 
     # ------------------------------------------------------------------ training
@@ -310,6 +318,8 @@ class AutoencoderGANModule(L.LightningModule):
         loss = losses["nll"] + d_weight * factor * g_loss + hp.codebook_weight * codebook.mean()
         if "ffl" in losses:
             loss = loss + hp.ffl_weight * losses["ffl"]
+        if "grid" in losses:
+            loss = loss + hp.grid_weight * losses["grid"]
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt_g.step()
