@@ -63,8 +63,8 @@ class AutoencoderGANModule(L.LightningModule):
         disc_start, disc_weight, disc_factor, disc_num_layers, disc_ndf: PatchGAN settings.
         codebook_weight: weight of the VQ codebook loss (VQ models only).
         ffl_weight, ffl_alpha: focal frequency loss (0 disables it).
-        grid_weight: weight of :func:`~ldm.training.gan_losses.grid_frequency_loss` (spectrum
-            magnitudes at the 4 and 8 px latent-grid periods against the HR image's; 0
+        grid_weight: weight of :func:`~ldm.training.gan_losses.grid_frequency_loss` (L1 between
+            the spectra of output and HR image at the 4 and 8 px latent-grid periods; 0
             disables it): trains away a periodic pattern at the latent grid.
         adaptive_weight_param: name of the parameter the adaptive GAN weight is measured at;
             default ``decoder.conv_out.weight`` when it trains, else the last trainable one.
