@@ -24,8 +24,8 @@
 # unchanged); (c) train the 2 stage experts (t in [0,500) then [500,1000), stage 1 initialised
 # from stage 0's EMA weights; EWA + EMA), then a second pass of each (resumed); (d) generate
 # latents for fixed training crops with the 2 experts (the demo's own sampler) and fine-tune the
-# FA parts of the decoder (fuse layer + frequency module, identity start) on them with L1 +
-# LPIPS; (e) export the experts' EMA weights and the FA-VAE (float16 safetensors) into OUT;
+# decoder's LR fuse layer on them (identity start; the frequency module keeps its identity start,
+# see configs/demo/train_fa_vae.yaml) with L1 + LPIPS + the latent-grid loss; (e) export the experts' EMA weights and the FA-VAE (float16 safetensors) into OUT;
 # (f) the quality checks on the held-out photographs (moe_sr/demo_eval.py) -> OUT/RESULTS.md.
 set -euo pipefail
 
