@@ -1,4 +1,4 @@
-"""The demo model's recipe: data from photographs that ship inside Python packages, exports.
+"""The demo model's recipe: training data from photographs that ship inside Python packages.
 
 ``scripts/train_demo.sh`` runs these steps around ``scripts/train.py``:
 
