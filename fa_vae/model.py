@@ -183,9 +183,8 @@ def fa_vae_from_autoencoder(
     cfg = to_plain(fa_config if isinstance(fa_config, Mapping) else load_config(fa_config))
     torch.manual_seed(seed)
     model = instantiate(cfg)
-    prefixes = getattr(model, "fa_part_prefixes", FA_PART_PREFIXES)
     own = model.state_dict()
-    missing = [k for k in own if k not in base and not k.startswith(prefixes)]
+    missing = [k for k in own if k not in base and not k.startswith(FA_PART_PREFIXES)]
     unexpected = [k for k in base if k not in own]
     if missing or unexpected:
         raise CheckpointMismatchError(
