@@ -98,6 +98,34 @@ def test_grid_weight_adds_the_grid_loss_to_the_reconstruction_losses():
     assert losses["grid"].item() == pytest.approx(grid_frequency_loss(rec, hr).item())
 
 
+def test_hr_latent_batches_can_have_their_own_perceptual_weight():
+    from ldm.config import ConfigError
+    from ldm.training.autoencoder_module import AutoencoderGANModule
+
+    kw = dict(autoencoder=load_config("autoencoder/vq_f4_tiny"), trainable=[""],
+              perceptual_weight=0.5, lpips_net="alex")  # fmt: skip
+    batch = {"hr": torch.zeros(1, 3, 32, 32), "latent": torch.zeros(1, 3, 8, 8)}
+    m = AutoencoderGANModule(**kw, hr_latent_prob=1.0, hr_latent_perceptual_weight=0.0).train()
+    assert not m.use_stored_latent(batch)  # hr_latent_prob 1: always the HR encoding
+    assert not m.use_stored_latent({"hr": batch["hr"]})  # no stored latent at all
+    assert m.eval().use_stored_latent(batch)  # validation decodes the stored latent
+    assert m.perceptual_weight_for(use_stored=False) == 0.0
+    assert m.perceptual_weight_for(use_stored=True) == 0.5
+    assert AutoencoderGANModule(**kw).perceptual_weight_for(use_stored=False) == 0.5
+    hr = torch.rand(1, 3, 32, 32) * 2 - 1
+    rec = (hr + 0.2 * torch.randn_like(hr)).clamp(-1, 1)
+    l1 = (hr - rec).abs().mean().item()
+    plain = m.rec_losses(hr, rec, perceptual_weight=0.0)
+    assert plain["nll"].item() == pytest.approx(l1) and "lpips" not in plain
+    full = m.rec_losses(hr, rec)
+    assert full["nll"].item() == pytest.approx(l1 + 0.5 * full["lpips"].item(), rel=1e-5)
+    assert full["lpips"].item() > 0
+    with pytest.raises(KeyError, match="no stored latent"):
+        m.reconstruct({"hr": batch["hr"]}, use_stored=True)
+    with pytest.raises(ConfigError, match="hr_latent_perceptual_weight must be >= 0"):
+        AutoencoderGANModule(**kw, hr_latent_perceptual_weight=-1.0)
+
+
 def _ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -71,6 +71,9 @@ class AutoencoderGANModule(L.LightningModule):
         hr_latent_prob: with stored latents (``latent_key``), the probability that a training
             batch decodes the HR images' own encodings instead: keeps the FA parts good on clean
             latents while they learn to decode generated ones.
+        hr_latent_perceptual_weight: the LPIPS weight on those HR-encoding batches (default:
+            ``perceptual_weight``). ``0`` trains the clean-latent decode for fidelity (L1) while
+            the generated-latent batches keep the perceptual term.
         init_scheme: a registered initialisation applied to the freshly built model before
             ``ckpt`` is loaded: ``box_codec`` (an autoencoder trained from scratch starts as a
             box-filter codec, see :mod:`ldm.autoencoders.init`) or ``fa_identity`` (the FA
@@ -114,6 +117,7 @@ class AutoencoderGANModule(L.LightningModule):
         init_scheme: str | None = None,
         codebook: Mapping[str, Any] | None = None,
         hr_latent_prob: float = 0.0,
+        hr_latent_perceptual_weight: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -136,7 +140,12 @@ class AutoencoderGANModule(L.LightningModule):
         self.discriminator = NLayerDiscriminator(3, disc_ndf, disc_num_layers)
         # LPIPS is a fixed loss network: kept out of the state dict (and the checkpoints).
         lpips = None
-        if perceptual_weight > 0:
+        if hr_latent_perceptual_weight is not None and not hr_latent_perceptual_weight >= 0:
+            raise ConfigError(
+                f"hr_latent_perceptual_weight must be >= 0 (or null), got "
+                f"{hr_latent_perceptual_weight!r}"
+            )
+        if max(perceptual_weight, hr_latent_perceptual_weight or 0.0) > 0:
             from ldm.evaluation.lpips import LPIPS
 
             lpips = LPIPS(lpips_net, weights=lpips_weights)
@@ -228,10 +237,31 @@ class AutoencoderGANModule(L.LightningModule):
         return self._lpips
 
     # ------------------------------------------------------------------ forward
+    def use_stored_latent(self, batch: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a batch decodes its stored latent (else the HR encoding): in training with
+        probability ``1 - hr_latent_prob``, otherwise whenever the batch has one."""
+        hp = self.hparams
+        return hp.latent_key in batch and not (
+            self.training and hp.hr_latent_prob > 0 and float(torch.rand(())) < hp.hr_latent_prob
+        )
+
+    def perceptual_weight_for(self, use_stored: bool) -> float:
+        """The LPIPS weight of a batch that decodes its stored latent or the HR encoding."""
+        hp = self.hparams
+        if not use_stored and hp.hr_latent_perceptual_weight is not None:
+            return float(hp.hr_latent_perceptual_weight)
+        return float(hp.perceptual_weight)
+
     def reconstruct(
-        self, batch: Mapping[str, torch.Tensor], *, codebook_stats: dict[str, Any] | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        *,
+        codebook_stats: dict[str, Any] | None = None,
+        use_stored: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_rec, codebook_loss)`` for the batch's latent (or the HR encoding).
+
+        ``use_stored``: decode the stored latent (default: :meth:`use_stored_latent`).
 
         ``codebook_stats``: filled with the codebook usage of this batch (and the codebook
         trainer's update is applied) when given."""
@@ -241,9 +271,10 @@ class AutoencoderGANModule(L.LightningModule):
         encoder_trains = any(
             n.startswith(("encoder.", "quant_conv.")) for n in self.trainable_names
         )
-        use_stored = hp.latent_key in batch and not (
-            self.training and hp.hr_latent_prob > 0 and float(torch.rand(())) < hp.hr_latent_prob
-        )
+        if use_stored is None:
+            use_stored = self.use_stored_latent(batch)
+        elif use_stored and hp.latent_key not in batch:
+            raise KeyError(f"batch has no stored latent {hp.latent_key!r}: {sorted(batch)}")
         with torch.set_grad_enabled(encoder_trains and torch.is_grad_enabled()):
             if use_stored:
                 z = batch[hp.latent_key].float() / float(getattr(self.model, "scale_factor", 1.0))
@@ -280,15 +311,21 @@ class AutoencoderGANModule(L.LightningModule):
             "codebook_restarted": float(st.restarted),
         }
 
-    def rec_losses(self, hr: torch.Tensor, x_rec: torch.Tensor) -> dict[str, torch.Tensor]:
+    def rec_losses(
+        self, hr: torch.Tensor, x_rec: torch.Tensor, *, perceptual_weight: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The reconstruction terms; ``nll`` = L1 + ``perceptual_weight`` (default: the
+        configured one) x LPIPS."""
         hp = self.hparams
+        if perceptual_weight is None:
+            perceptual_weight = hp.perceptual_weight
         l1 = (hr - x_rec).abs()
         out = {"l1": l1.mean()}
         rec = hp.pixel_weight * l1
-        if self.lpips is not None:
+        if self.lpips is not None and perceptual_weight > 0:
             p = self.lpips(hr.contiguous(), x_rec.contiguous(), keepdim=True)
             out["lpips"] = p.mean()
-            rec = rec + hp.perceptual_weight * p
+            rec = rec + perceptual_weight * p
         out["nll"] = rec.mean()
         if self.ffl is not None:
             out["ffl"] = self.ffl(x_rec, hr)
@@ -305,8 +342,9 @@ class AutoencoderGANModule(L.LightningModule):
         bs = hr.shape[0]
 
         cb_stats: dict[str, Any] = {}
-        x_rec, codebook = self.reconstruct(batch, codebook_stats=cb_stats)
-        losses = self.rec_losses(hr, x_rec)
+        use_stored = self.use_stored_latent(batch)
+        x_rec, codebook = self.reconstruct(batch, codebook_stats=cb_stats, use_stored=use_stored)
+        losses = self.rec_losses(hr, x_rec, perceptual_weight=self.perceptual_weight_for(use_stored))
         g_loss = -self.discriminator(x_rec.contiguous()).mean()
         factor = adopt_weight(hp.disc_factor, step, threshold=hp.disc_start)
         last = dict(self.model.named_parameters())[self._last_layer_name]
