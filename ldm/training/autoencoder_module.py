@@ -344,7 +344,9 @@ class AutoencoderGANModule(L.LightningModule):
         cb_stats: dict[str, Any] = {}
         use_stored = self.use_stored_latent(batch)
         x_rec, codebook = self.reconstruct(batch, codebook_stats=cb_stats, use_stored=use_stored)
-        losses = self.rec_losses(hr, x_rec, perceptual_weight=self.perceptual_weight_for(use_stored))
+        losses = self.rec_losses(
+            hr, x_rec, perceptual_weight=self.perceptual_weight_for(use_stored)
+        )
         g_loss = -self.discriminator(x_rec.contiguous()).mean()
         factor = adopt_weight(hp.disc_factor, step, threshold=hp.disc_start)
         last = dict(self.model.named_parameters())[self._last_layer_name]
