@@ -25,7 +25,8 @@
 # from stage 0's EMA weights; EWA + EMA), then a second pass of each (resumed); (d) generate
 # latents for fixed training crops with the 2 experts (the demo's own sampler) and fine-tune the
 # decoder's LR fuse layer on them (identity start; the frequency module keeps its identity start,
-# see configs/demo/train_fa_vae.yaml) with L1 + LPIPS + the latent-grid loss; (e) export the experts' EMA weights and the FA-VAE (float16 safetensors) into OUT;
+# see configs/demo/train_fa_vae.yaml): L1 on the HR crops' own latents (3 batches in 4), L1 + LPIPS
+# + the latent-grid loss on the generated ones; (e) export the experts' EMA weights and the FA-VAE (float16 safetensors) into OUT;
 # (f) the quality checks on the held-out photographs (moe_sr/demo_eval.py) -> OUT/RESULTS.md.
 set -euo pipefail
 
@@ -49,7 +50,7 @@ LOGDIR=$WORK/logs
 AE_BATCHES=4000      # (b) autoencoder batches (Lightning counts 2 steps per batch: 2 optimizers)
 DEC_BATCHES=600      # (b) then decoder-only batches with the frequency loss
 STAGE_STEPS=6000     # (c) steps per stage expert and pass (2 passes)
-FA_BATCHES=1500      # (d) FA fine-tuning batches
+FA_BATCHES=3000      # (d) FA fine-tuning batches
 scaled() { awk -v n="$1" -v s="$STEPS_SCALE" 'BEGIN { v = int(n * s + 0.5); print (v < 1 ? 1 : v) }'; }
 AE_B=$(scaled $AE_BATCHES); DEC_B=$(scaled $DEC_BATCHES); STAGE_S=$(scaled $STAGE_STEPS); FA_B=$(scaled $FA_BATCHES)
 WARMUP=$(scaled 200)
