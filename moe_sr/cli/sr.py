@@ -121,7 +121,11 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--eta", type=float, help="DDIM eta (config default: 1.0; ddim only)")
     s.add_argument("--seed", type=int, help="seed, the same for every image (default: 42)")
-    s.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="(default: adain)")
+    s.add_argument(
+        "--color-fix",
+        choices=["adain", "wavelet", "none"],
+        help="(config default: adain as released; the demo's: wavelet)",
+    )
     s.add_argument("--ffn-moe-routing", choices=["random", "average"], help="(default: random)")
 
     r = p.add_argument_group("resources")
