@@ -26,7 +26,8 @@
 # latents for fixed training crops with the 2 experts (the demo's own sampler) and fine-tune the
 # decoder's LR fuse layer on them (identity start; the frequency module keeps its identity start,
 # see configs/demo/train_fa_vae.yaml): L1 on the HR crops' own latents (3 batches in 4), L1 + LPIPS
-# + the latent-grid loss on the generated ones; (e) export the experts' EMA weights and the FA-VAE (float16 safetensors) into OUT;
+# + the latent-grid loss on the generated ones; (e) export the experts' EMA weights and the FA-VAE
+# (float16 safetensors) into OUT;
 # (f) the quality checks on the held-out photographs (moe_sr/demo_eval.py) -> OUT/RESULTS.md.
 set -euo pipefail
 
