@@ -34,6 +34,7 @@ from ldm.cli.messages import (
     stderr_line,
 )
 from ldm.diffusion.samplers import SAMPLERS
+from moe_sr.color_fix import COLOR_FIX_MODES
 
 logger = logging.getLogger("moe_sr.sr")
 
@@ -123,7 +124,7 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, help="seed, the same for every image (default: 42)")
     s.add_argument(
         "--color-fix",
-        choices=["adain", "wavelet", "none"],
+        choices=COLOR_FIX_MODES,
         help="(config default: adain as released; the demo's: wavelet)",
     )
     s.add_argument("--ffn-moe-routing", choices=["random", "average"], help="(default: random)")
